@@ -76,9 +76,11 @@ class BlockContext:
 
 @dataclass
 class BlockResult:
-    """``q``: dequantized block (n × B), decoded from the stored (rounded) parameters.
-    ``params``: method-specific tensors a packer stores (documented by each method).
-    ``bits``: exact bit count of ``params`` as stored."""
+    """``q``: dequantized block (n × B), equal to ``decode_block(params, (n, B))``.
+    ``params``: the block's stored form, method-specific names. Convention: a bool tensor is stored as one
+    bit per element (sign planes: True = +1), a floating tensor as fp16 — so ``bits.storage`` equals
+    ``storage_bits(params)`` and a packer needs to know nothing about the method.
+    ``bits``: the same count split into sign / bitmap / parameter bits."""
 
     q: Tensor
     params: dict[str, Tensor]
@@ -93,6 +95,25 @@ class Binarizer(Protocol):
     name: ClassVar[str]
 
     def quantize_block(self, w: Tensor, ctx: BlockContext) -> BlockResult: ...
+
+    def decode_block(self, params: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+        """Dequantize a block from its stored form (the inverse a packed checkpoint relies on)."""
+        ...
+
+
+def storage_bits(params: dict[str, Tensor]) -> int:
+    """Bits of a block's stored form under the BlockResult convention (bool → 1 bit, float → fp16)."""
+    return sum(t.numel() * (1 if t.dtype == torch.bool else PARAM_BITS) for t in params.values())
+
+
+def signs_to_bits(b: Tensor) -> Tensor:
+    """±1 sign plane → bool (True = +1)."""
+    return b > 0
+
+
+def bits_to_signs(bits: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """bool plane → ±1."""
+    return bits.to(dtype) * 2 - 1
 
 
 _REGISTRY: dict[str, type] = {}

@@ -1,9 +1,13 @@
 """BiLLM (``braq``): salient columns with 2-plane residual binarization, bell-shaped split of the rest.
 
 Faithful to the reference code (billm.md §10): the searches run on the metric matrix T, candidate grids
-k ∈ 1…49 and 81 quantiles, orders (1, 1, 2), per-row means. Stored per row per block: 7 fp16 floats
-(salient μ, α₁, α₂; concentrated μ, α; sparse μ, α), two sign planes on salient columns and one elsewhere,
-one group bit per non-salient weight, a B-bit column bitmap.
+k ∈ 1…49 and 81 quantiles, orders (1, 1, 2), per-row means.
+
+Stored form of a block (n × B, k salient columns), see ``BlockResult``:
+``salient_cols`` (B bits), ``signs`` (n × B, first plane), ``signs2`` (n × k, second plane on salient
+columns), ``sparse`` (n × (B−k) group bits on the non-salient columns, True = sparse), ``mu`` (n × 3 fp16:
+concentrated, sparse, salient μ₁+μ₂), ``alpha`` (n × 4 fp16: concentrated, sparse, salient α₁, α₂).
+Storage = B + n·(B+k) + n·(B−k) + 7·16·n bits.
 """
 
 from __future__ import annotations
@@ -13,14 +17,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import PARAM_BITS, BlockContext, BlockResult, Bits, register
-from .binarize import fit_group
+from .base import PARAM_BITS, BlockContext, BlockResult, Bits, bits_to_signs, register, signs_to_bits
+from .binarize import decode_group, fit_group
 from .salient import salient_columns, salient_metric, split_threshold
 
 
 def braq_bits(n: int, b: int, k: int, floats_per_row: int) -> Bits:
     """Bits of one braq-style block: signs n·(B+k), group bits n·(B−k) + B column bits, fp16 floats."""
     return Bits(sign=n * (b + k), bitmap=n * (b - k) + b, params=n * floats_per_row * PARAM_BITS, weights=n * b)
+
+
+def braq_decode(params: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+    """Dequantize a braq-layout block (also used by methods that share the layout)."""
+    cols = params["salient_cols"]
+    sal = cols.unsqueeze(0).expand(shape)
+    sparse = torch.zeros(shape, dtype=torch.bool, device=cols.device)
+    sparse[:, ~cols] = params["sparse"]
+    conc = ~sal & ~sparse
+    s1 = bits_to_signs(params["signs"])
+    s2 = torch.zeros(shape, device=cols.device)
+    s2[:, cols] = bits_to_signs(params["signs2"])
+    mu, alpha = params["mu"].float(), params["alpha"].float()
+    return (
+        decode_group(mu[:, 0:1], alpha[None, :, 0:1], s1[None], conc)
+        + decode_group(mu[:, 1:2], alpha[None, :, 1:2], s1[None], sparse)
+        + decode_group(mu[:, 2:3], torch.stack([alpha[:, 2:3], alpha[:, 3:4]]), torch.stack([s1, s2]), sal)
+    )
 
 
 @register("braq")
@@ -38,16 +60,20 @@ class Braq:
 
     def quantize_block(self, w: Tensor, ctx: BlockContext) -> BlockResult:
         conc, sparse, sal = self.masks(w, ctx)
-        fits = [fit_group(w, m, order) for m, order in ((conc, 1), (sparse, 1), (sal, 2))]
-        q = sum(f.recon for f in fits)
-        n, b = w.shape
-        k = int(sal[0].sum())
+        fc, fs, fsal = (fit_group(w, m, order) for m, order in ((conc, 1), (sparse, 1), (sal, 2)))
+        cols = sal[0]
+        signs = fc.signs[0] * conc + fs.signs[0] * sparse + fsal.signs[0] * sal
         params = {
-            "salient_cols": sal[0],
-            "sparse_mask": sparse,
-            "signs": sum(f.signs[0] * m for f, m in zip(fits, (conc, sparse, sal))),
-            "signs2": fits[2].signs[1],
-            "mu": torch.cat([f.mu for f in fits], 1),  # (n, 3): conc, sparse, salient
-            "alpha": torch.cat([fits[0].alphas[0], fits[1].alphas[0], fits[2].alphas[0], fits[2].alphas[1]], 1),
+            "salient_cols": cols.clone(),
+            "signs": signs_to_bits(signs),
+            "signs2": signs_to_bits(fsal.signs[1][:, cols]),
+            "sparse": sparse[:, ~cols].clone(),
+            "mu": torch.cat([fc.mu, fs.mu, fsal.mu], 1).to(torch.float16),
+            "alpha": torch.cat([fc.alphas[0], fs.alphas[0], fsal.alphas[0], fsal.alphas[1]], 1).to(torch.float16),
         }
-        return BlockResult(q, params, braq_bits(n, b, k, 7), {"salient_cols": k})
+        n, b = w.shape
+        k = int(cols.sum())
+        return BlockResult(self.decode_block(params, (n, b)).to(w.dtype), params, braq_bits(n, b, k, 7), {"salient_cols": k})
+
+    def decode_block(self, params: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+        return braq_decode(params, shape)
