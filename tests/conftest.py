@@ -58,3 +58,34 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"shared data directory {DATA_DIR} absent")
     return DATA_DIR
+
+
+def save_tiny_model_dir(path: Path, family: str = "llama", layers: int = 2) -> Path:
+    """A tiny model directory with a character-level fast tokenizer, as `onebit quantize` expects."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(32 + i): i for i in range(95)}
+    vocab["<unk>"] = 95
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    model = tiny_model(family, layers)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_tiny_data(root: Path) -> Path:
+    """A data directory with small wikitext2-raw and ptb files (same layout as the real one)."""
+    import random
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "the", "of", "model", "bit", "sign", "scale"]
+    (root / "wikitext-2-raw").mkdir(parents=True)
+    (root / "ptb").mkdir()
+    for split in ("valid", "test"):
+        lines = [" = Title = \n", " \n"] + [" " + " ".join(rng.choices(words, k=12)) + " \n" for _ in range(60)]
+        (root / "wikitext-2-raw" / f"wiki.{split}.raw").write_text("".join(lines))
+        (root / "ptb" / f"ptb.{split}.txt").write_text("".join(" ".join(rng.choices(words, k=8)) + " \n" for _ in range(60)))
+    return root

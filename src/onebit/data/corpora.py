@@ -184,7 +184,7 @@ def calibration_samples(
                 starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
                 return torch.stack([ids[i : i + seqlen] for i in starts]), f"{name}:{split}"
         if split == "train":
-            log.info("%s: no train split under %s; calibrating on the validation split", name, root)
+            log.warning("%s: no train split under %s; calibrating on the validation split", name, root)
     raise _missing(name, f"{corpus.missing_hint['train']} (or the validation split)", root)
 
 

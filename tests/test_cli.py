@@ -1,0 +1,89 @@
+"""The command line end to end on a tiny model directory, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import save_tiny_model_dir, write_tiny_data
+from onebit import QuantConfig, quantize
+from onebit.cli import app
+from onebit.models import get_adapter
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return save_tiny_model_dir(root / "model"), write_tiny_data(root / "data"), root
+
+
+def test_quantize_writes_report_and_fake_quant_model(setup):
+    model_dir, data, root = setup
+    out = root / "run"
+    args = ["quantize", str(model_dir), "--method", "braq", "--calib", "wikitext2", "--eval", "wikitext2,ptb",
+            "--nsamples", "4", "--seqlen", "64", "--eval-windows", "3", "--data-dir", str(data), "--out", str(out),
+            "--save", "--device", "cpu"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    for key in ("method", "config", "ppl", "ppl_fp", "paper_bpw", "storage_bpw", "seconds", "layers", "versions"):
+        assert key in rep
+    assert set(rep["ppl"]) == {"wikitext2", "ptb"} and rep["calibration"]["source"] == "wikitext2:valid"
+    assert rep["config"]["method_options"] == {"salient_metric": "hessian", "up_lim": 50}
+    assert 1 < rep["paper_bpw"] < 1.5 < rep["storage_bpw"]
+    assert len(rep["layers"]) == 2 and all("out_rel_err" in l for l in rep["layers"])
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out / "model")
+    w = saved.model.layers[0].mlp.down_proj.weight
+    assert max(len(torch.unique(r)) for r in w[:, :128]) <= 8  # binarized rows survive the save
+    table = runner.invoke(app, ["table", str(out), "--markdown"])
+    assert table.exit_code == 0 and "| braq |" in table.output
+
+
+def test_method_flags_are_checked(setup):
+    model_dir, data, _ = setup
+    res = runner.invoke(app, ["quantize", str(model_dir), "--method", "braq", "--iters", "3", "--data-dir", str(data)])
+    assert res.exit_code != 0 and "does not apply" in res.output
+    res = runner.invoke(app, ["quantize", str(model_dir), "--method", "nope", "--data-dir", str(data)])
+    assert res.exit_code != 0 and "unknown method" in res.output
+
+
+def test_seqlen_longer_than_context_is_refused(setup):
+    model_dir, data, _ = setup
+    res = runner.invoke(app, ["quantize", str(model_dir), "--seqlen", "4096", "--calib", "wikitext2", "--data-dir", str(data)])
+    assert res.exit_code != 0 and "exceeds the model's context" in str(res.exception)
+
+
+def test_missing_data_file_is_a_clear_error(setup, tmp_path):
+    model_dir, _, _ = setup
+    res = runner.invoke(app, ["quantize", str(model_dir), "--calib", "c4", "--seqlen", "32", "--data-dir", str(tmp_path)])
+    assert isinstance(res.exception, FileNotFoundError) and "c4/c4-train" in str(res.exception)
+
+
+def test_unsupported_architecture_names_the_supported_families():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'.*llama.*qwen2.*opt"):
+        quantize(model, QuantConfig(), torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="unsupported"):
+        get_adapter(model)
+
+
+def test_not_a_model_directory(tmp_path):
+    res = runner.invoke(app, ["quantize", str(tmp_path)])
+    assert isinstance(res.exception, FileNotFoundError) and "config.json" in str(res.exception)
+
+
+def test_config_round_trip():
+    cfg = QuantConfig(method="braq", method_options={"salient_metric": "magnitude"}, blocksize=64)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert QuantConfig.from_dict(d) == QuantConfig(method="braq", method_options={"salient_metric": "magnitude", "up_lim": 50}, blocksize=64)
+    with pytest.raises(ValueError, match="does not take"):
+        QuantConfig(method="sign", method_options={"iters": 3})
