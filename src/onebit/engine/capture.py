@@ -9,7 +9,10 @@ position, …). Keeping them per layer handles models that give different layers
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +44,9 @@ class _Recorder(nn.Module):
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         st = self.state
         if self.index == 0:
-            st["inputs"].append(hidden_states.detach().to(st["store_device"], st["store_dtype"]))
+            if st["inputs"] is None:
+                st["inputs"] = st["alloc"]("inputs", (st["n"], *hidden_states.shape[1:]), st["store_dtype"])
+            st["inputs"][st["i"] : st["i"] + 1] = hidden_states.detach()
         if st["first"]:
             kw = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
             kw["use_cache"] = False
@@ -51,6 +56,26 @@ class _Recorder(nn.Module):
                 raise _StopForward
             return hidden_states
         raise _StopForward
+
+
+class ActivationBuffers:
+    """Allocates calibration/evaluation activations: in RAM, or as memory-mapped files under ``offload_dir``
+    (``--offload-acts``) when they do not fit."""
+
+    def __init__(self, offload_dir: str | os.PathLike | None = None) -> None:
+        self.dir = Path(offload_dir) if offload_dir else None
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        if self.dir is None:
+            return torch.empty(shape, dtype=dtype)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{name}.bin"
+        path.unlink(missing_ok=True)
+        numel = math.prod(shape)
+        return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+
+    def like(self, name: str, t: Tensor) -> Tensor:
+        return self(name, tuple(t.shape), t.dtype)
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -71,13 +96,16 @@ def capture_inputs(
     samples: Sequence[Tensor] | Tensor,
     device: torch.device | str = "cpu",
     store_dtype: torch.dtype | None = None,
+    alloc: ActivationBuffers | None = None,
 ) -> tuple[Tensor, list[tuple[tuple, dict[str, Any]]]]:
-    """Hidden states entering layer 0, shape (nsamples, seqlen, hidden) on the CPU, and each layer's
-    (args, kwargs). ``samples`` are token-id rows of equal length. Only the pre-layer modules run."""
+    """Hidden states entering layer 0, shape (nsamples, seqlen, hidden) on the CPU (allocated by ``alloc``),
+    and each layer's (args, kwargs). ``samples`` are token-id rows of equal length. Only the pre-layer
+    modules run (they must be materialized; the layers may live on the meta device)."""
     layers = adapter.decoder_layers(model)
-    store_dtype = store_dtype or next(model.parameters()).dtype
+    store_dtype = store_dtype or next(model.parameters()).dtype  # meta parameters carry a dtype too
     state: dict[str, Any] = dict(
-        inputs=[], kwargs=[], args=[], first=True, last=len(layers) - 1, store_device="cpu", store_dtype=store_dtype
+        inputs=None, kwargs=[], args=[], first=True, last=len(layers) - 1, store_dtype=store_dtype,
+        alloc=alloc or ActivationBuffers(), n=len(samples), i=0,
     )
     originals = list(layers)
     pre = [m for m in (find_module(model, p) for p in adapter.pre_modules) if m is not None]
@@ -94,14 +122,14 @@ def capture_inputs(
             except _StopForward:
                 pass
             state["first"] = False
+            state["i"] += 1
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
         for m in pre:
             m.to("cpu")
         model.config.use_cache = use_cache
-    inputs = torch.cat(state["inputs"], 0)
-    return inputs, list(zip(state["args"], state["kwargs"]))
+    return state["inputs"], list(zip(state["args"], state["kwargs"]))
 
 
 @torch.no_grad()

@@ -32,3 +32,8 @@ class HessianAccumulator:
 
     def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         self.add_batch(inputs[0].detach())
+
+    def pre_hook(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        """As a forward pre-hook registered with ``prepend=True``: sees the input before other pre-hooks
+        (e.g. activation fake quantization) change it."""
+        self.add_batch(inputs[0].detach())

@@ -16,9 +16,12 @@ from torch import Tensor, nn
 from ..methods.base import Binarizer, Bits
 from ..models.base import ArchAdapter
 from ..progress import track
-from .capture import capture_inputs, run_layer
+from .capture import ActivationBuffers, capture_inputs, run_layer
+from .checkpoint import LayerCheckpoint, set_weights
+from .distributed import all_reduce_, broadcast_object, is_main, rank_world
 from .hessian import HessianAccumulator
 from .solver import LinearResult, quantize_linear
+from .store import InMemoryLayers, LayerStore
 
 
 @dataclass
@@ -35,6 +38,11 @@ class LinearRecord:
     seconds: float
     stats: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LinearRecord":
+        bits = Bits(**{k: d["bits"][k] for k in ("sign", "bitmap", "params", "weights")})
+        return cls(d["layer"], d["name"], tuple(d["shape"]), bits, d["loss"], d["rel_err"], d["percdamp"], d["seconds"], d["stats"])
+
     def to_dict(self) -> dict[str, Any]:
         return dict(
             layer=self.layer, name=self.name, shape=list(self.shape), bits=self.bits.to_dict(), loss=self.loss,
@@ -48,6 +56,10 @@ class LayerRecord:
     linears: list[LinearRecord]
     out_rel_err: float  # ‖layer_q(x) − layer_fp(x)‖² / ‖layer_fp(x)‖² on the calibration inputs
     seconds: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerRecord":
+        return cls(d["index"], [LinearRecord.from_dict(r) for r in d["linears"]], d["out_rel_err"], d["seconds"])
 
     def to_dict(self) -> dict[str, Any]:
         return dict(
@@ -66,19 +78,51 @@ class EngineOptions:
     compensate: bool = True
     true_sequential: bool = False
     device: str = "cpu"
+    hessian_raw_inputs: bool = False  # H from the linears' inputs before their pre-hooks (act fake quant) run
 
 
 def _collect_hessians(
-    layer: nn.Module, linears: dict[str, nn.Linear], inputs: Tensor, call: Any, out: Tensor, device: str, desc: str
+    layer: nn.Module, linears: dict[str, nn.Linear], inputs: Tensor, call: Any, out: Tensor, device: str, desc: str,
+    raw_inputs: bool = False,
 ) -> dict[str, HessianAccumulator]:
     accs = {name: HessianAccumulator(lin.in_features, device) for name, lin in linears.items()}
-    hooks = [lin.register_forward_hook(accs[name].hook) for name, lin in linears.items()]
+    hooks = [
+        lin.register_forward_pre_hook(accs[name].pre_hook, prepend=True) if raw_inputs else lin.register_forward_hook(accs[name].hook)
+        for name, lin in linears.items()
+    ]
     try:
         run_layer(layer, inputs, call, device, out=out, description=desc)
     finally:
         for h in hooks:
             h.remove()
     return accs
+
+
+def _solve_group(
+    group: list[str], linears: dict[str, nn.Linear], accs: dict[str, HessianAccumulator], method: Binarizer,
+    opts: EngineOptions, idx: int,
+) -> tuple[dict[str, LinearResult], list[LinearRecord]]:
+    """Quantize a group's linears, split over the ranks (round robin); results broadcast from their solver."""
+    rank, world = rank_world()
+    for acc in accs.values():  # partial Hessians of all ranks summed: every rank solves with the same H
+        all_reduce_(acc.xtx)
+        acc.nsamples = int(all_reduce_(torch.tensor([acc.nsamples], device=acc.xtx.device)).item())
+    mine: dict[str, tuple[LinearResult, float]] = {}
+    for pos, name in enumerate(group):
+        if pos % world == rank:
+            t1 = time.perf_counter()
+            res = quantize_linear(linears[name].weight, accs[name].hessian, method, opts.blocksize, opts.percdamp, opts.compensate)
+            mine[name] = (res, time.perf_counter() - t1)
+        del accs[name]
+    results: dict[str, LinearResult] = {}
+    recs: list[LinearRecord] = []
+    for pos, name in enumerate(group):
+        res, secs = broadcast_object(mine.get(name), pos % world)
+        lin = linears[name]
+        lin.weight.data = res.q.to(lin.weight.device, lin.weight.dtype)
+        results[name] = res
+        recs.append(LinearRecord(idx, name, tuple(lin.weight.shape), res.bits, res.loss, res.rel_err, res.percdamp, secs, res.stats))
+    return results, recs
 
 
 @torch.no_grad()
@@ -89,46 +133,58 @@ def quantize_model_layers(
     method: Binarizer,
     opts: EngineOptions,
     on_layer: LayerCallback | None = None,
+    store: LayerStore | None = None,
+    checkpoint: LayerCheckpoint | None = None,
+    resume: bool = False,
+    buffers: ActivationBuffers | None = None,
 ) -> list[LayerRecord]:
-    """Binarize every decoder linear of ``model`` in place (fake-quant weights), one layer at a time.
+    """Binarize every decoder linear in place (fake-quant weights), one layer at a time.
 
-    Calibration activations stay on the CPU; each layer visits ``opts.device`` while it is processed.
+    Calibration activations stay on the CPU (or in ``buffers``' memory-mapped files); each layer visits
+    ``opts.device`` while it is processed. ``store`` supplies the layers (default: ``model``'s own, in RAM).
+    With ``checkpoint`` every finished layer is written at once; with ``resume`` the layers whose files are
+    valid are not solved again, only replayed with their saved weights to rebuild the next layer's inputs.
+    Under torchrun, ``samples`` are this rank's share.
     """
-    inps, calls = capture_inputs(model, adapter, samples, opts.device)
-    fp_out, q_out = torch.empty_like(inps), torch.empty_like(inps)
-    layers = adapter.decoder_layers(model)
+    store = store or InMemoryLayers(model, adapter)
+    buffers = buffers or ActivationBuffers()
+    store.materialize(adapter.pre_modules)
+    inps, calls = capture_inputs(model, adapter, samples, opts.device, alloc=buffers)
+    store.dematerialize(adapter.pre_modules)
+    fp_out, q_out = buffers.like("fp_out", inps), buffers.like("q_out", inps)
     records: list[LayerRecord] = []
-    for idx in track(range(len(layers)), "quantize layers"):
+    for idx in track(range(len(adapter.decoder_layers(model))), "quantize layers"):
         t0 = time.perf_counter()
-        layer = layers[idx].to(opts.device)
+        layer = store.load(idx).to(opts.device)
         linears = adapter.linears(layer)
-        names = list(linears)
-        steps = [list(g.linears) for g in adapter.groups] if opts.true_sequential else [names]
-        results: dict[str, LinearResult] = {}
-        recs: list[LinearRecord] = []
-        for s, group in enumerate(steps):
-            # the first pass runs the still-full-precision layer: its outputs are the reference outputs
-            accs = _collect_hessians(
-                layer, {n: linears[n] for n in group}, inps, calls[idx], fp_out if s == 0 else q_out, opts.device,
-                f"layer {idx}: hessians",
-            )
-            for name in group:
-                t1 = time.perf_counter()
-                lin = linears[name]
-                res = quantize_linear(lin.weight, accs.pop(name).hessian, method, opts.blocksize, opts.percdamp, opts.compensate)
-                lin.weight.data = res.q.to(lin.weight.dtype)
-                results[name] = res
-                recs.append(LinearRecord(
-                    idx, name, tuple(lin.weight.shape), res.bits, res.loss, res.rel_err, res.percdamp,
-                    time.perf_counter() - t1, res.stats,
-                ))
-        run_layer(layer, inps, calls[idx], opts.device, out=q_out, description=f"layer {idx}: replay")
-        err = float((q_out - fp_out).float().square().sum() / fp_out.float().square().sum().clamp_min(1e-30))
-        layers[idx] = layer.to("cpu")
-        record = LayerRecord(idx, recs, err, time.perf_counter() - t0)
+        saved = checkpoint.load(idx) if resume and checkpoint is not None else None
+        if saved is not None:
+            set_weights(linears, saved[0])
+            record = LayerRecord.from_dict(saved[1])
+            results = {n: LinearResult.from_saved(saved[0][n], checkpoint.blocks(idx, n), r) for n, r in zip(linears, record.linears)}
+            run_layer(layer, inps, calls[idx], opts.device, out=q_out, description=f"layer {idx}: replay (resumed)")
+        else:
+            resume = False  # every later layer depends on this one: recompute them all
+            steps = [list(g.linears) for g in adapter.groups] if opts.true_sequential else [list(linears)]
+            results, recs = {}, []
+            for s, group in enumerate(steps):
+                # the first pass runs the still-full-precision layer: its outputs are the reference outputs
+                accs = _collect_hessians(
+                    layer, {n: linears[n] for n in group}, inps, calls[idx], fp_out if s == 0 else q_out, opts.device,
+                    f"layer {idx}: hessians", opts.hessian_raw_inputs,
+                )
+                res_g, recs_g = _solve_group(group, linears, accs, method, opts, idx)
+                results.update(res_g)
+                recs += recs_g
+            run_layer(layer, inps, calls[idx], opts.device, out=q_out, description=f"layer {idx}: replay")
+            num = all_reduce_(torch.tensor([float((q_out - fp_out).double().square().sum()), float(fp_out.double().square().sum())]))
+            record = LayerRecord(idx, recs, float(num[0] / num[1].clamp_min(1e-30)), time.perf_counter() - t0)
+            if checkpoint is not None and is_main():
+                checkpoint.save(idx, {n: l.weight for n, l in linears.items()}, {n: r.blocks for n, r in results.items()}, record.to_dict())
         records.append(record)
         if on_layer is not None:
             on_layer(idx, layer, record, results)
+        store.release(idx, layer.to("cpu"))
         inps, q_out = q_out, inps
     return records
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +28,12 @@ class LinearResult:
     rel_err: float
     percdamp: float
     stats: dict[str, float] = field(default_factory=dict)
+
+
+    @classmethod
+    def from_saved(cls, q: Tensor, blocks: list[dict[str, Tensor]], record: Any) -> "LinearResult":
+        """Rebuild a result from a layer checkpoint (``record``: its ``LinearRecord``)."""
+        return cls(q, blocks, record.bits, record.loss, record.rel_err, record.percdamp, dict(record.stats))
 
 
 def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Tensor, float]:

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..engine.capture import capture_inputs, run_layer
-from ..models.base import ArchAdapter, find_module, get_module
+from ..engine.capture import ActivationBuffers, capture_inputs, run_layer
+from ..engine.store import StreamedModel, layer_store
+from ..models.base import find_module, get_module
 from ..progress import track
 
 
@@ -30,34 +31,37 @@ def windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module,
-    adapter: ArchAdapter,
+    model: nn.Module | StreamedModel,
     ids: Tensor,
     seqlen: int,
     device: str = "cpu",
     max_windows: int | None = None,
+    buffers: ActivationBuffers | None = None,
 ) -> float:
-    """Perplexity of ``model`` on token ids (1, N); only one decoder layer is on ``device`` at a time."""
+    """Perplexity on token ids (1, N). Only one decoder layer is materialized and on ``device`` at a time,
+    so a ``StreamedModel`` is evaluated without ever holding all its weights."""
+    net, adapter, store = layer_store(model)
     win = windows(ids, seqlen, max_windows)
-    hidden, calls = capture_inputs(model, adapter, win, device)
-    for idx, layer in enumerate(track(adapter.decoder_layers(model), "evaluate layers")):
-        layer.to(device)
+    store.materialize(adapter.pre_modules)
+    hidden, calls = capture_inputs(net, adapter, win, device, alloc=buffers)
+    store.dematerialize(adapter.pre_modules)
+    for idx in track(range(len(adapter.decoder_layers(net))), "evaluate layers"):
+        layer = store.load(idx).to(device)
         run_layer(layer, hidden, calls[idx], device, out=hidden)
-        layer.to("cpu")
-    post = [m for m in (find_module(model, p) for p in adapter.post_modules) if m is not None]
-    head = get_module(model, adapter.lm_head)
-    for m in (*post, head):
-        m.to(device)
+        store.release(idx, layer.to("cpu"))
+    tail = [p for p in (*adapter.post_modules, adapter.lm_head) if find_module(net, p) is not None]
+    store.materialize(tail)
+    mods = [get_module(net, p).to(device) for p in tail]
     nll = 0.0
     try:
         for j in range(win.shape[0]):
             h = hidden[j : j + 1].to(device)
-            for m in post:
+            for m in mods:
                 h = m(h)
-            logits = head(h)[0].float()
-            loss = F.cross_entropy(logits[:-1], win[j, 1:].to(device))
+            loss = F.cross_entropy(h[0].float()[:-1], win[j, 1:].to(device))
             nll += float(loss) * seqlen
     finally:
-        for m in (*post, head):
+        for m in mods:
             m.to("cpu")
+        store.dematerialize(tail)
     return math.exp(nll / (win.shape[0] * seqlen))

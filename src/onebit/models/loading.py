@@ -64,13 +64,17 @@ def resolve_model_path(path: str) -> Path:
     return p
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, Path]:
-    """(model on the CPU in eval mode, tokenizer, resolved directory)."""
+def load_model(path: str, dtype: torch.dtype = torch.float32, stream: bool = False) -> tuple[nn.Module, object, Path]:
+    """(model on the CPU in eval mode, tokenizer, resolved directory). With ``stream`` the model is a
+    ``StreamedModel``: built on the meta device, its weights read one layer at a time when needed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..engine.store import StreamedModel
     from . import get_adapter
 
     p = resolve_model_path(path)
+    if stream:
+        return StreamedModel(p, dtype), AutoTokenizer.from_pretrained(p), p
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
     get_adapter(model)  # fail early, naming the supported families
     model.eval()

@@ -1,0 +1,98 @@
+"""Per-layer checkpoints: each finished layer is written at once, atomically, so a killed run resumes.
+
+``RUN/layers/layer_00012.safetensors`` holds the layer's quantized linear weights (``{linear}.weight``),
+every block's stored parameters (``{linear}.blocks.{j}.{name}``, what a packer needs) and, in the metadata,
+the layer's report slice and a fingerprint of the run (model, method, engine and calibration settings).
+A file is written to a temporary name, fsynced and renamed: a reader sees a whole file or none. On resume a
+file that is unreadable, truncated or from another configuration is never reused: the run restarts at the
+first layer without a valid file, and recomputes everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("onebit")
+
+FORMAT = "onebit-layer-1"
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """Stable hash of everything that determines a layer's result."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class LayerCheckpoint:
+    def __init__(self, directory: str | Path, settings: dict[str, Any]) -> None:
+        self.dir = Path(directory)
+        self.fp = fingerprint(settings)
+
+    def path(self, idx: int) -> Path:
+        return self.dir / f"layer_{idx:05d}.safetensors"
+
+    def save(self, idx: int, weights: dict[str, Tensor], blocks: dict[str, list[dict[str, Tensor]]], record: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"{name}.weight": w.detach().cpu().contiguous() for name, w in weights.items()}
+        for name, bl in blocks.items():
+            for j, params in enumerate(bl):
+                for key, t in params.items():
+                    tensors[f"{name}.blocks.{j}.{key}"] = t.detach().cpu().contiguous()
+        meta = {"format": FORMAT, "fingerprint": self.fp, "layer": str(idx), "record": json.dumps(record)}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(idx).with_suffix(f".tmp{os.getpid()}")
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(idx))
+
+    def load(self, idx: int) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """(quantized weights by linear name, report slice) if layer ``idx`` has a valid file, else None."""
+        path = self.path(idx)
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT or meta.get("fingerprint") != self.fp or meta.get("layer") != str(idx):
+                    log.warning("%s was written by a different run configuration: recomputing layer %d", path, idx)
+                    return None
+                weights = {k[: -len(".weight")]: f.get_tensor(k) for k in f.keys() if k.endswith(".weight") and ".blocks." not in k}
+                record = json.loads(meta["record"])
+        except Exception as e:  # truncated or corrupt: never reuse
+            log.warning("%s is unreadable (%s): recomputing layer %d", path, e, idx)
+            return None
+        return weights, record
+
+    def blocks(self, idx: int, name: str) -> list[dict[str, Tensor]]:
+        """The stored block parameters of one linear (for packers)."""
+        from safetensors import safe_open
+
+        out: dict[int, dict[str, Tensor]] = {}
+        prefix = f"{name}.blocks."
+        with safe_open(self.path(idx), framework="pt") as f:
+            for k in f.keys():
+                if k.startswith(prefix):
+                    j, key = k[len(prefix) :].split(".", 1)
+                    out.setdefault(int(j), {})[key] = f.get_tensor(k)
+        return [out[j] for j in sorted(out)]
+
+    def weights(self, idx: int) -> dict[str, Tensor] | None:
+        """Overrides for a streamed model: relative parameter names → quantized weights."""
+        got = self.load(idx)
+        return None if got is None else {f"{k}.weight": v for k, v in got[0].items()}
+
+
+def set_weights(linears: dict[str, torch.nn.Linear], weights: dict[str, Tensor]) -> None:
+    for name, lin in linears.items():
+        lin.weight.data = weights[name].to(lin.weight.device, lin.weight.dtype)
