@@ -24,11 +24,8 @@ def binary_sign(x: Tensor) -> Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def residual_error(x: Tensor, mask: Tensor, order: int) -> Tensor:
-    """Σ over masked entries of (X − R)² per leading index, for candidate searches.
-
-    ``x`` (…, n, B), ``mask`` bool broadcastable to it; returns a tensor of the leading (batch) shape.
-    """
+def residual_fit(x: Tensor, mask: Tensor, order: int) -> Tensor:
+    """(X − R) ⊙ M: what unrounded residual binarization leaves on the mask (batched like ``residual_error``)."""
     m = mask.to(x.dtype)
     cnt = m.sum(-1, keepdim=True).clamp_min(1.0)
     d = x * m
@@ -37,7 +34,15 @@ def residual_error(x: Tensor, mask: Tensor, order: int) -> Tensor:
         dev = d - mu
         alpha = (dev.abs() * m).sum(-1, keepdim=True) / cnt
         d = (dev - alpha * binary_sign(dev)) * m
-    return d.square().sum((-2, -1))
+    return d
+
+
+def residual_error(x: Tensor, mask: Tensor, order: int) -> Tensor:
+    """Σ over masked entries of (X − R)² per leading index, for candidate searches.
+
+    ``x`` (…, n, B), ``mask`` bool broadcastable to it; returns a tensor of the leading (batch) shape.
+    """
+    return residual_fit(x, mask, order).square().sum((-2, -1))
 
 
 @dataclass
@@ -51,8 +56,10 @@ class GroupFit:
     recon: Tensor
 
 
-def fit_group(x: Tensor, mask: Tensor, order: int) -> GroupFit:
-    """Residual binarization of one group with storage-rounded parameters; ``recon`` is zero off the mask."""
+def fit_group(x: Tensor, mask: Tensor, order: int, rounded: bool = True) -> GroupFit:
+    """Residual binarization of one group with storage-rounded parameters; ``recon`` is zero off the mask.
+    ``rounded=False`` keeps the working precision (a start point for further refinement, e.g. ARB)."""
+    store = to_storage if rounded else torch.clone
     m = mask.to(x.dtype)
     cnt = m.sum(-1, keepdim=True).clamp_min(1.0)
     approx = torch.zeros_like(x)
@@ -60,17 +67,30 @@ def fit_group(x: Tensor, mask: Tensor, order: int) -> GroupFit:
     alphas, signs = [], []
     for _ in range(order):
         d = (x - approx) * m
-        mu = to_storage(d.sum(-1, keepdim=True) / cnt)
+        mu = store(d.sum(-1, keepdim=True) / cnt)
         dev = d - mu
-        alpha = to_storage((dev.abs() * m).sum(-1, keepdim=True) / cnt)
+        alpha = store((dev.abs() * m).sum(-1, keepdim=True) / cnt)
         b = binary_sign(dev)
         approx = approx + (alpha * b + mu) * m
         mu_total = mu_total + mu
         alphas.append(alpha)
         signs.append(b)
-    mu_total = to_storage(mu_total)
+    mu_total = store(mu_total)
     alpha_t, sign_t = torch.stack(alphas), torch.stack(signs)
     return GroupFit(mu_total, alpha_t, sign_t, decode_group(mu_total, alpha_t, sign_t, mask))
+
+
+def fit_rms_group(x: Tensor, mask: Tensor, center: Tensor | None = None) -> GroupFit:
+    """Order-1 group with an RMS scale (HBLLM): μ = mean (or the given stored ``center``), α = √mean(x−μ)²,
+    b = sign(x−μ). Unlike mean|x−μ| it is not L2-optimal, but a group of ≤ 2 entries is reproduced exactly.
+    Parameters are storage-rounded (α is fitted around the rounded μ); ``recon`` is zero off the mask."""
+    m = mask.to(x.dtype)
+    cnt = m.sum(-1, keepdim=True).clamp_min(1.0)
+    mu = to_storage((x * m).sum(-1, keepdim=True) / cnt) if center is None else center
+    dev = (x - mu) * m
+    alpha = to_storage((dev.square().sum(-1, keepdim=True) / cnt).sqrt())
+    b = binary_sign(dev)
+    return GroupFit(mu, alpha[None], b[None], decode_group(mu, alpha[None], b[None], mask))
 
 
 def decode_group(mu: Tensor, alphas: Tensor, signs: Tensor, mask: Tensor) -> Tensor:
@@ -105,17 +125,37 @@ class SortedRows:
     def _sum(self, p: Tensor, a: Tensor, b: Tensor) -> Tensor:
         return p.gather(-1, b) - p.gather(-1, a)
 
-    def order1_error(self, ranges: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Order-1 error of the group made of the index ranges [a, b) (each n × K); → (n × K)."""
+    def moments(
+        self, ranges: list[tuple[Tensor, Tensor]], center: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(count, Σ(x−c)², Σ|x−c|) of the group made of the index ranges [a, b) (each n × K), about
+        ``center`` (broadcastable to n × K) or, by default, the group mean; all float64 (n × K)."""
         cnt = sum((b - a) for a, b in ranges).double()
         s1 = sum(self._sum(self.p1, a, b) for a, b in ranges)
         s2 = sum(self._sum(self.p2, a, b) for a, b in ranges)
-        safe = cnt.clamp_min(1)
-        mu = s1 / safe
+        if center is None:
+            mu = s1 / cnt.clamp_min(1)
+            ss = s2 - s1 * mu
+        else:
+            mu = center.double().expand_as(s1)
+            ss = s2 - 2 * mu * s1 + cnt * mu.square()
         m = self.index(mu)
         sad = torch.zeros_like(mu)
         for a, b in ranges:
             c = torch.minimum(torch.maximum(m, a), b)
             sad += mu * (c - a) - self._sum(self.p1, a, c) + self._sum(self.p1, c, b) - mu * (b - c)
-        err = (s2 - s1 * mu) - sad.square() / safe
+        return cnt, ss, sad
+
+    def order1_error(self, ranges: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Order-1 error of the group made of the index ranges [a, b) (each n × K); → (n × K)."""
+        cnt, ss, sad = self.moments(ranges)
+        err = ss - sad.square() / cnt.clamp_min(1)
+        return torch.where(cnt > 0, err, torch.zeros_like(err))
+
+    def rms_error(self, ranges: list[tuple[Tensor, Tensor]], center: Tensor | None = None) -> Tensor:
+        """Error of the group binarized with an RMS scale (``fit_rms_group``): with d = x − c and
+        α = √(Σd²/cnt), Σ(d − α·sign d)² = 2Σd² − 2α·Σ|d| (binary signs); → (n × K)."""
+        cnt, ss, sad = self.moments(ranges, center)
+        ss = ss.clamp_min(0)
+        err = 2 * ss - 2 * (ss / cnt.clamp_min(1)).sqrt() * sad
         return torch.where(cnt > 0, err, torch.zeros_like(err))
