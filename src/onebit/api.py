@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .config import QuantConfig
+from .engine.capture import ActivationBuffers
+from .engine.checkpoint import LayerCheckpoint
+from .engine.distributed import init_from_env, rank_world
 from .engine.pipeline import LayerCallback, LayerRecord, quantize_model_layers, total_bits
+from .engine.store import StreamedModel, layer_store
 from .methods.base import Bits
-from .models import get_adapter
+from .transforms.prepass import apply_prepass
 
 
 @dataclass
@@ -23,6 +28,8 @@ class QuantResult:
     layers: list[LayerRecord]
     bits: Bits
     seconds: float
+    transform: dict[str, Any] = field(default_factory=dict)  # pre-pass stats (DBellQuant)
+    transform_scales: dict[str, Tensor] = field(default_factory=dict, repr=False)  # {linear: T}, not serialized
 
     @property
     def paper_bpw(self) -> float:
@@ -35,28 +42,49 @@ class QuantResult:
     def to_dict(self) -> dict[str, Any]:
         return dict(
             config=self.config.to_dict(), paper_bpw=self.paper_bpw, storage_bpw=self.storage_bpw,
-            bits=self.bits.to_dict(), seconds=self.seconds, layers=[r.to_dict() for r in self.layers],
+            bits=self.bits.to_dict(), seconds=self.seconds, transform=self.transform,
+            layers=[r.to_dict() for r in self.layers],
         )
 
 
 def quantize(
-    model: nn.Module,
+    model: nn.Module | StreamedModel,
     config: QuantConfig | None = None,
     calib_data: Tensor | None = None,
     on_layer: LayerCallback | None = None,
+    checkpoint: LayerCheckpoint | None = None,
+    resume: bool = False,
+    offload_acts: str | os.PathLike | None = None,
 ) -> QuantResult:
-    """Binarize ``model``'s decoder linears in place (fake-quantized weights) and return the record.
+    """Binarize the decoder linears (fake-quantized weights, in place) and return the record.
 
-    ``calib_data``: token ids (nsamples, seqlen), e.g. from ``onebit.data.calibration_samples``.
+    ``model``: a loaded causal LM, or a ``StreamedModel`` (layers read from disk one at a time; results go
+    to ``checkpoint``). ``calib_data``: token ids (nsamples, seqlen), e.g. from
+    ``onebit.data.calibration_samples``. ``checkpoint``/``resume``: write each finished layer, and skip the
+    layers already written. ``offload_acts``: keep calibration activations in memory-mapped files there.
+    Under ``torchrun`` the samples are split over the ranks (see ``engine.distributed``).
     """
     config = config or QuantConfig()
     if calib_data is None or calib_data.dim() != 2 or calib_data.shape[0] == 0:
         raise ValueError("calib_data must be a (nsamples, seqlen) tensor of token ids")
-    check_seqlen(model, calib_data.shape[1])
-    adapter = get_adapter(model)
+    net, adapter, store = layer_store(model)
+    check_seqlen(net, calib_data.shape[1])
+    init_from_env(config.device)
+    rank, world = rank_world()
+    if calib_data.shape[0] < world:
+        raise ValueError(f"{calib_data.shape[0]} calibration samples cannot be split over {world} processes")
     t0 = time.perf_counter()
-    layers = quantize_model_layers(model, adapter, calib_data, config.build_method(), config.engine_options(), on_layer)
-    return QuantResult(config, layers, total_bits(layers), time.perf_counter() - t0)
+    if isinstance(model, StreamedModel):
+        if config.transform != "none" or config.act_bits is not None:
+            raise ValueError("transforms and activation quantization need the whole model in memory: drop --stream")
+        scales, transform = {}, {}
+    else:
+        scales, transform = apply_prepass(net, adapter, config, calib_data)  # DBellQuant transform + act quant hooks
+    layers = quantize_model_layers(
+        net, adapter, calib_data[rank::world], config.build_method(), config.engine_options(), on_layer,
+        store=store, checkpoint=checkpoint, resume=resume, buffers=ActivationBuffers(offload_acts),
+    )
+    return QuantResult(config, layers, total_bits(layers), time.perf_counter() - t0, transform, scales)
 
 
 def check_seqlen(model: nn.Module, seqlen: int) -> None:

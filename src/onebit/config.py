@@ -24,19 +24,49 @@ class QuantConfig:
     gptq: bool = True
     true_sequential: bool = False
     device: str = "cpu"
+    # DBellQuant (docs/dbellquant.md): float pre-pass ``transform`` ("none" | "dbell") and activation fake
+    # quantization ``act_bits`` (8 | 6 | 4; None = A16), H from quantized inputs or not, LTDB knobs,
+    # ``ltdb_opt`` = what OPT (LayerNorm with bias) gets: "ltdb" or the release's plain "smoothquant",
+    # ``act_scales``: a safetensors file from ``onebit act-scales`` (None = computed from the calibration set).
+    transform: str = "none"
+    act_bits: int | None = None
+    hessian_from_quantized_acts: bool = True
+    ltdb_epochs: int = 200
+    ltdb_lr: float = 0.01
+    ltdb_p: float = 1.0
+    ltdb_opt: str = "ltdb"
+    act_scales: str | None = None
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
             raise ValueError("blocksize must be positive")
         if not 0 < self.percdamp < 1:
             raise ValueError("percdamp must be in (0, 1)")
+        self._validate_dbell()
         self.build_method()  # validates the method name and options early
+
+    def _validate_dbell(self) -> None:
+        if self.transform not in ("none", "dbell"):
+            raise ValueError(f"transform must be 'none' or 'dbell', got {self.transform!r}")
+        if self.act_bits == 16:
+            self.act_bits = None
+        if self.act_bits not in (None, 4, 6, 8):
+            raise ValueError(f"act_bits must be 8, 6, 4 or None (16 = A16), got {self.act_bits}")
+        if self.ltdb_epochs < 0 or self.ltdb_lr <= 0 or self.ltdb_p <= 0:
+            raise ValueError("ltdb_epochs must be >= 0, ltdb_lr and ltdb_p positive")
+        if self.ltdb_opt not in ("ltdb", "smoothquant"):
+            raise ValueError(f"ltdb_opt must be 'ltdb' or 'smoothquant', got {self.ltdb_opt!r}")
+        if self.act_scales is not None and self.transform != "dbell":
+            raise ValueError("act_scales is only used by transform='dbell'")
 
     def build_method(self) -> Binarizer:
         return build_method(self.method, **self.method_options)
 
     def engine_options(self) -> EngineOptions:
-        return EngineOptions(self.blocksize, self.percdamp, self.gptq, self.true_sequential, self.device)
+        return EngineOptions(
+            self.blocksize, self.percdamp, self.gptq, self.true_sequential, self.device,
+            hessian_raw_inputs=self.act_bits is not None and not self.hessian_from_quantized_acts,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
