@@ -1,0 +1,1 @@
+"""Exports to other runtimes (GGUF Q1_0)."""

@@ -1,0 +1,267 @@
+"""The packed checkpoint format (docs/format.md): one linear = three plain tensors, generic over methods.
+
+Every method returns each block's stored form as a dict of tensors (``BlockResult.params``: bool = one bit
+per element, float = fp16). A linear is stored as
+
+* ``{module}.packed_bits``  uint8: every bool tensor of every block, flattened row-major, concatenated in
+  (block, parameter) order into one bit stream, packed LSB-first (``bitpack``);
+* ``{module}.packed_fp16``  float16: every float tensor, same order;
+* ``{module}.packed_index`` int32 (blocks, parameters, 3): each tensor's (ndim, dim0, dim1).
+
+The parameter names and kinds come from ``quantization_config.param_layout[method]``; a per-module manifest
+(``quantization_config.modules``) records method, shape, stream sizes and CRC32s, so a reader can check
+a checkpoint before trusting it. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..methods.base import PARAM_DTYPE, method_class, storage_bits
+from .bitpack import pack_bits, packed_nbytes, unpack_bits
+
+QUANT_METHOD = "onebit"
+FORMAT_VERSION = 1
+SUFFIXES = ("packed_bits", "packed_fp16", "packed_index")
+UNPACKABLE = {"identity": "it stores the full-precision weight (it only checks the engine); there is nothing to pack"}
+
+
+class PackedFormatError(ValueError):
+    """A packed checkpoint that cannot be trusted: truncated, corrupted, wrong version or wrong shapes."""
+
+
+def check_packable(method: str) -> None:
+    if method in UNPACKABLE:
+        raise PackedFormatError(f"method {method!r} cannot be packed: {UNPACKABLE[method]}")
+
+
+def param_layout(block: dict[str, Tensor]) -> list[list[str]]:
+    """[[name, "bits" | "fp16"], ...] in the block's dict order (the stream order)."""
+    out = []
+    for name, t in block.items():
+        if t.dtype == torch.bool:
+            out.append([name, "bits"])
+        elif t.is_floating_point():
+            out.append([name, "fp16"])
+        else:
+            raise PackedFormatError(f"block parameter {name!r} has dtype {t.dtype}; only bool and float can be stored")
+    return out
+
+
+def crc32(t: Tensor) -> int:
+    return zlib.crc32(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+
+@dataclass
+class PackedLinear:
+    """One linear's stored form (see module docstring). ``shape`` = (out_features, in_features)."""
+
+    method: str
+    shape: tuple[int, int]
+    block_size: int
+    layout: list[list[str]]
+    bits: Tensor
+    fp16: Tensor
+    index: Tensor
+
+    @classmethod
+    def from_blocks(
+        cls, method: str, blocks: list[dict[str, Tensor]], shape: tuple[int, int], block_size: int
+    ) -> "PackedLinear":
+        """Pack a linear's per-block stored forms (``LinearResult.blocks``)."""
+        check_packable(method)
+        layout = param_layout(blocks[0])
+        names = [n for n, _ in layout]
+        index = torch.zeros(len(blocks), len(layout), 3, dtype=torch.int32)
+        bit_parts, fp_parts = [], []
+        for j, block in enumerate(blocks):
+            if list(block) != names:
+                raise PackedFormatError(f"block {j} has parameters {list(block)}, block 0 has {names}")
+            for p, (name, kind) in enumerate(layout):
+                t = block[name].detach().cpu()
+                if t.dim() > 2:
+                    raise PackedFormatError(f"block parameter {name!r} has {t.dim()} dims; at most 2 are stored")
+                dims = list(t.shape) + [1] * (2 - t.dim())
+                index[j, p] = torch.tensor([t.dim(), *dims], dtype=torch.int32)
+                if kind == "bits":
+                    bit_parts.append(t.reshape(-1))
+                else:
+                    if t.to(PARAM_DTYPE).float().ne(t.float()).any():
+                        raise PackedFormatError(f"block {j} parameter {name!r} is not representable in fp16")
+                    fp_parts.append(t.reshape(-1).to(PARAM_DTYPE))
+        bits = pack_bits(torch.cat(bit_parts)) if bit_parts else torch.zeros(0, dtype=torch.uint8)
+        fp16 = torch.cat(fp_parts) if fp_parts else torch.zeros(0, dtype=PARAM_DTYPE)
+        packed = cls(method, (int(shape[0]), int(shape[1])), block_size, layout, bits, fp16, index)
+        packed.validate()
+        return packed
+
+    # -- accounting -------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def exact_bits(self) -> int:
+        """Σ stored bits without byte padding (= the report's ``Bits.storage`` of this linear)."""
+        return self.nbits() + self.fp16.numel() * 16
+
+    def nbits(self) -> int:
+        sizes = self.index[..., 1].long() * self.index[..., 2].long()
+        kinds = torch.tensor([k == "bits" for _, k in self.layout])
+        return int(sizes[:, kinds].sum())
+
+    def payload_bytes(self) -> int:
+        """Bytes of the two data tensors (the index is reported apart as format overhead)."""
+        return self.bits.numel() + 2 * self.fp16.numel()
+
+    # -- decoding ---------------------------------------------------------------------------------------
+    def block_widths(self) -> list[int]:
+        """Each block's column count: ``block_size`` columns, the last block narrower."""
+        m, b = self.shape[1], self.block_size
+        return [min(b, m - s) for s in range(0, m, b)]
+
+    def blocks(self) -> list[dict[str, Tensor]]:
+        """The per-block stored forms, exactly as the method produced them."""
+        flat = unpack_bits(self.bits, self.nbits())
+        bo = fo = 0
+        out = []
+        for j in range(self.index.shape[0]):
+            block = {}
+            for p, (name, kind) in enumerate(self.layout):
+                ndim, d0, d1 = self.index[j, p].tolist()
+                shape = (d0, d1)[:ndim]
+                size = d0 * d1
+                if kind == "bits":
+                    block[name] = flat[bo : bo + size].view(shape)
+                    bo += size
+                else:
+                    block[name] = self.fp16[fo : fo + size].view(shape)
+                    fo += size
+            out.append(block)
+        return out
+
+    def dequantize(self) -> Tensor:
+        """The dense fp32 weight, decoded block by block with the method's own ``decode_block``."""
+        method = method_class(self.method)()
+        cols = [method.decode_block(b, (self.shape[0], w)).float() for b, w in zip(self.blocks(), self.block_widths())]
+        return torch.cat(cols, 1)
+
+    # -- validation -------------------------------------------------------------------------------------
+    def validate(self, entry: dict[str, Any] | None = None, name: str = "linear") -> None:
+        """Check internal consistency, and against a manifest entry (shape, sizes, CRC32) when given."""
+        if self.index.dim() != 3 or self.index.shape[1:] != (len(self.layout), 3):
+            raise PackedFormatError(f"{name}: index has shape {tuple(self.index.shape)}, expected (blocks, {len(self.layout)}, 3)")
+        if (self.index[..., 0] < 0).any() or (self.index[..., 0] > 2).any() or (self.index[..., 1:] < 0).any():
+            raise PackedFormatError(f"{name}: index holds invalid dimensions (corrupted checkpoint?)")
+        nfp = self.index[..., 1].long() * self.index[..., 2].long()
+        kinds = torch.tensor([k == "fp16" for _, k in self.layout])
+        if self.bits.numel() != packed_nbytes(self.nbits()) or self.fp16.numel() != int(nfp[:, kinds].sum()):
+            raise PackedFormatError(
+                f"{name}: streams hold {self.bits.numel()} bytes / {self.fp16.numel()} floats but the index needs "
+                f"{packed_nbytes(self.nbits())} / {int(nfp[:, kinds].sum())} (truncated or corrupted checkpoint)"
+            )
+        if self.index.shape[0] != len(self.block_widths()):
+            raise PackedFormatError(
+                f"{name}: {self.index.shape[0]} blocks stored, a {self.shape} weight in blocks of {self.block_size} "
+                f"has {len(self.block_widths())} (shape mismatch)"
+            )
+        if entry is None:
+            return
+        if tuple(entry["shape"]) != self.shape:
+            raise PackedFormatError(f"{name}: manifest shape {tuple(entry['shape'])} != stored shape {self.shape}")
+        for key, t in (("crc_bits", self.bits), ("crc_fp16", self.fp16), ("crc_index", self.index)):
+            if crc32(t) != entry[key]:
+                raise PackedFormatError(f"{name}: {key[4:]} stream fails its CRC32 check (corrupted checkpoint)")
+
+    def manifest(self) -> dict[str, Any]:
+        return dict(
+            method=self.method, shape=list(self.shape), block_size=self.block_size, blocks=int(self.index.shape[0]), bits_bytes=self.bits.numel(),
+            fp16_count=self.fp16.numel(), crc_bits=crc32(self.bits), crc_fp16=crc32(self.fp16), crc_index=crc32(self.index),
+        )
+
+    def tensors(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}.{s}": t for s, t in zip(SUFFIXES, (self.bits, self.fp16, self.index))}
+
+
+def quantization_config(
+    method: str, method_options: dict[str, Any], block_size: int, packed: dict[str, PackedLinear],
+    overrides: dict[str, dict[str, Any]] | None = None, bits_report: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The ``quantization_config`` block of config.json (also the loader's manifest)."""
+    layouts: dict[str, list[list[str]]] = {}
+    for p in packed.values():
+        if layouts.setdefault(p.method, p.layout) != p.layout:
+            raise PackedFormatError(f"method {p.method!r} produced two different parameter layouts")
+    return dict(
+        quant_method=QUANT_METHOD, format_version=FORMAT_VERSION, method=method, method_options=method_options,
+        block_size=block_size, param_layout=layouts, overrides=overrides or {},
+        modules={name: p.manifest() for name, p in packed.items()}, storage=storage_summary(packed, bits_report),
+    )
+
+
+def storage_summary(packed: dict[str, PackedLinear], bits_report: dict[str, float] | None = None) -> dict[str, float]:
+    """Storage bpw measured from the bytes written, next to the exact bit count (and the run's report)."""
+    weights = sum(p.weights for p in packed.values())
+    payload = sum(p.payload_bytes() for p in packed.values())
+    exact = sum(p.exact_bits() for p in packed.values())
+    index = sum(p.index.numel() * 4 for p in packed.values())
+    out = dict(
+        linear_weights=weights, payload_bytes=payload, index_bytes=index,
+        storage_bpw_measured=payload * 8 / max(weights, 1), storage_bpw_exact=exact / max(weights, 1),
+        padding_bits=payload * 8 - exact, index_bpw=index * 8 / max(weights, 1),
+    )
+    if bits_report is not None:
+        out["storage_bpw_report"] = bits_report["storage_bpw"]
+        out["paper_bpw"] = bits_report["paper_bpw"]
+    return out
+
+
+def check_config(qc: dict[str, Any]) -> None:
+    """Refuse a config this reader does not understand."""
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise PackedFormatError(f"quant_method is {qc.get('quant_method')!r}, not {QUANT_METHOD!r}")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise PackedFormatError(
+            f"packed format version {qc.get('format_version')!r} is not supported (this onebit reads version "
+            f"{FORMAT_VERSION}); re-pack the model with a matching onebit"
+        )
+    for key in ("method", "block_size", "param_layout", "modules"):
+        if key not in qc:
+            raise PackedFormatError(f"quantization_config lacks {key!r}")
+
+
+def module_method(qc: dict[str, Any], name: str) -> str:
+    """A module's method: its manifest entry, else the first matching override regex, else the default."""
+    if name in qc.get("modules", {}):
+        return qc["modules"][name]["method"]
+    for pattern, opts in qc.get("overrides", {}).items():
+        if re.fullmatch(pattern, name):
+            return opts.get("method", qc["method"])
+    return qc["method"]
+
+
+def packed_from_tensors(qc: dict[str, Any], name: str, tensors: dict[str, Tensor]) -> PackedLinear:
+    """Rebuild and verify one linear from its three tensors and its manifest entry."""
+    entry = qc["modules"][name]
+    missing = [s for s in SUFFIXES if f"{name}.{s}" not in tensors]
+    if missing:
+        raise PackedFormatError(f"{name}: checkpoint lacks {missing} (truncated or not a onebit checkpoint)")
+    bits, fp16, index = (tensors[f"{name}.{s}"] for s in SUFFIXES)
+    packed = PackedLinear(
+        entry["method"], tuple(entry["shape"]), entry["block_size"], qc["param_layout"][entry["method"]], bits.to(torch.uint8),
+        fp16.to(PARAM_DTYPE), index.to(torch.int32),
+    )
+    packed.validate(entry, name)
+    return packed
+
+
+def check_exact(packed: PackedLinear, blocks: list[dict[str, Tensor]]) -> None:
+    """Storage accounting invariant: packed bits == Σ storage_bits(block)."""
+    expected = sum(storage_bits(b) for b in blocks)
+    if packed.exact_bits() != expected:
+        raise PackedFormatError(f"packed {packed.exact_bits()} bits, blocks need {expected}")

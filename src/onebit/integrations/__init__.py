@@ -1,0 +1,1 @@
+"""Third-party integrations (transformers quantizer registration)."""

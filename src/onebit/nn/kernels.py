@@ -1,0 +1,78 @@
+"""The packed GEMV kernels: a C++ extension (``packed_gemv.cpp``, built with gcc on first use) for the
+``sign`` and ``braq`` layouts, and the block tables it reads.
+
+The extension reads the checkpoint's own streams (no repacking, so resident memory = storage bytes). Other
+methods, and machines where the build fails, use the pure-PyTorch reference path in ``linear.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# method → (kernel layout id, the parameter layout it reads)
+KERNEL_LAYOUTS: dict[str, tuple[int, list[list[str]]]] = {
+    "sign": (0, [["signs", "bits"], ["mu", "fp16"], ["alpha", "fp16"]]),
+    "braq": (1, [["salient_cols", "bits"], ["signs", "bits"], ["signs2", "bits"], ["sparse", "bits"],
+                 ["mu", "fp16"], ["alpha", "fp16"]]),
+}
+TABLE_COLUMNS = ("start", "width", "k", "signs", "signs2", "sparse", "salient_cols", "mu", "alpha")
+
+
+@lru_cache(maxsize=1)
+def extension() -> ModuleType | None:
+    """The compiled extension, or None (logged once) when it cannot be built here."""
+    if os.environ.get("ONEBIT_NO_EXT"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        src = Path(__file__).with_name("packed_gemv.cpp")
+        flags = ["-O3", "-march=native", "-fopenmp"]
+        return load("onebit_packed_gemv", [str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the reference path
+        log.warning("onebit packed-GEMV extension unavailable (%s); using the PyTorch reference path", e)
+        return None
+
+
+def kernel_layout(method: str, layout: list[list[str]]) -> int | None:
+    """The kernel layout id for a method's parameter layout, or None (reference path)."""
+    entry = KERNEL_LAYOUTS.get(method)
+    return entry[0] if entry is not None and entry[1] == [list(x) for x in layout] else None
+
+
+def block_table(index: Tensor, layout: list[list[str]], block_size: int, in_features: int) -> Tensor:
+    """int64 (blocks, 9): each block's start, width, salient count and the stream offset of every parameter."""
+    names = [n for n, _ in layout]
+    table = torch.zeros(index.shape[0], len(TABLE_COLUMNS), dtype=torch.int64)
+    bit_off = fp_off = 0
+    for j, shapes in enumerate(index.tolist()):
+        start = j * block_size
+        table[j, 0], table[j, 1] = start, min(block_size, in_features - start)
+        for (name, kind), (_, d0, d1) in zip(layout, shapes):
+            col = TABLE_COLUMNS.index(name)
+            if kind == "bits":
+                table[j, col] = bit_off
+                bit_off += d0 * d1
+            else:
+                table[j, col] = fp_off
+                fp_off += d0 * d1
+        if "signs2" in names:
+            table[j, 2] = shapes[names.index("signs2")][2]
+    return table
+
+
+def packed_gemm(x: Tensor, bits: Tensor, fp16: Tensor, table: Tensor, out_features: int, layout: int) -> Tensor:
+    """y (tokens, out) = x (tokens, in) · Ŵᵀ computed from the packed streams (fp32 in and out)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("packed-GEMV extension not available")
+    return ext.packed_gemm(x.contiguous(), bits, fp16, table, out_features, layout)

@@ -1,0 +1,115 @@
+"""``OnebitLinear``: a linear layer that keeps its weight in the packed storage form.
+
+Forward paths, chosen per call:
+* packed kernel (C++, ``kernels.py``) for ``sign``/``braq`` layouts and at most ``kernel_max_tokens``
+  tokens (decoding): y = Ŵx straight from the bit and fp16 streams, no dense weight built;
+* dense: Ŵ decoded with the method's own ``decode_block`` (``PackedLinear.dequantize``) then ``F.linear``
+  — the pure-PyTorch reference, used for prefill, other methods, and when the extension is missing.
+  With ``dense_cache`` on, the decoded Ŵ is kept (fast batch prefill, fp32 memory).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..formats.packed import PackedLinear
+from . import kernels
+
+
+class OnebitLinear(nn.Module):
+    """Packed 1-bit linear. Buffers ``packed_bits``/``packed_fp16``/``packed_index`` are the checkpoint's
+    tensors of the same names; ``bias`` stays a float parameter."""
+
+    kernel_max_tokens = 16
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, method: str, block_size: int,
+        layout: list[list[str]], bits_bytes: int, fp16_count: int, blocks: int,
+        dtype: torch.dtype | None = None, device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.method, self.block_size, self.layout = method, block_size, layout
+        self.register_buffer("packed_bits", torch.zeros(bits_bytes, dtype=torch.uint8, device=device))
+        self.register_buffer("packed_fp16", torch.zeros(fp16_count, dtype=torch.float16, device=device))
+        self.register_buffer("packed_index", torch.zeros(blocks, len(layout), 3, dtype=torch.int32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.dense_cache = False
+        self.use_kernel = True
+        self._dense: Tensor | None = None
+        self._table: Tensor | None = None
+        self._layout_id: int | None = None
+
+    @classmethod
+    def from_packed(cls, packed: PackedLinear, bias: Tensor | None = None) -> "OnebitLinear":
+        n, m = packed.shape
+        mod = cls(m, n, bias is not None, packed.method, packed.block_size, packed.layout, packed.bits.numel(),
+                  packed.fp16.numel(), packed.index.shape[0], dtype=None if bias is None else bias.dtype)
+        mod.packed_bits.copy_(packed.bits)
+        mod.packed_fp16.copy_(packed.fp16)
+        mod.packed_index.copy_(packed.index)
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
+        mod.prepare()
+        return mod
+
+    def packed(self) -> PackedLinear:
+        return PackedLinear(self.method, (self.out_features, self.in_features), self.block_size, self.layout,
+                            self.packed_bits, self.packed_fp16, self.packed_index)
+
+    def prepare(self) -> None:
+        """After (re)loading the buffers: normalise dtypes and build the kernel's block table."""
+        self.packed_fp16 = self.packed_fp16.to(torch.float16)
+        self._dense = None
+        self._layout_id = kernels.kernel_layout(self.method, self.layout)
+        if self._layout_id is not None:
+            self._table = kernels.block_table(self.packed_index.cpu(), self.layout, self.block_size, self.in_features)
+
+    def dequantize(self) -> Tensor:
+        """The dense fp32 weight Ŵ (exactly what fake quantization produced)."""
+        if self._dense is not None:
+            return self._dense
+        w = self.packed().dequantize().to(self.packed_bits.device)
+        if self.dense_cache:
+            self._dense = w
+        return w
+
+    def kernel_ok(self, tokens: int, x: Tensor) -> bool:
+        return (
+            self.use_kernel and self._layout_id is not None and tokens <= self.kernel_max_tokens and x.device.type == "cpu"
+            and self._dense is None and kernels.extension() is not None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel_ok(x2.shape[0], x2):
+            y = kernels.packed_gemm(x2.float(), self.packed_bits, self.packed_fp16, self._table, self.out_features,
+                                    self._layout_id).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*shape[:-1], self.out_features)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Pure PyTorch: decode Ŵ with the method's ``decode_block`` and multiply (the tests' reference)."""
+        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}"
+
+
+def set_dense_cache(model: nn.Module, on: bool = True) -> None:
+    """Keep (or drop) each OnebitLinear's decoded fp32 weight: fast batch prefill at fp32 memory cost."""
+    for mod in model.modules():
+        if isinstance(mod, OnebitLinear):
+            mod.dense_cache = on
+            mod._dense = None
+
+
+def packed_modules(model: nn.Module) -> dict[str, OnebitLinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, OnebitLinear)}

@@ -1,0 +1,260 @@
+"""Packed checkpoints: bit packing, pack → unpack exactness for every method, packed forward (C++ kernel and
+reference) against the dense product, clear errors for damaged checkpoints, transformers round trip, Q1_0."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+from conftest import random_ids, tiny_model
+from onebit import QuantConfig, quantize
+from onebit.engine.solver import quantize_linear
+from onebit.formats.bitpack import pack_bits, unpack_bits
+from onebit.formats.checkpoint import PackCollector, load_packed, measured_bpw, save_packed
+from onebit.formats.packed import UNPACKABLE, PackedFormatError, PackedLinear
+from onebit.formats.repack import repack_linear
+from onebit.methods import available_methods, build_method
+from onebit.methods.base import storage_bits
+from onebit.models import get_adapter
+from onebit.nn import OnebitLinear, kernels
+
+PACKABLE = [m for m in available_methods() if m not in UNPACKABLE]
+FAST = settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@lru_cache(maxsize=None)
+def quantized(method: str, n: int, m: int, block: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, m, generator=g)
+    x = torch.randn(4 * m, m, generator=g)
+    return quantize_linear(w, x.T @ x / x.shape[0], build_method(method), block)
+
+
+# ---- bit packing ----------------------------------------------------------------------------------------
+def test_pack_bits_is_lsb_first():
+    bits = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
+    assert pack_bits(bits).tolist() == [0b00000001, 0b10000010, 0b00000001]
+
+
+@FAST
+@given(st.integers(0, 200), st.integers(0, 2**31))
+def test_pack_unpack_bits_roundtrip(n, seed):
+    bits = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    packed = pack_bits(bits)
+    assert packed.numel() == (n + 7) // 8
+    assert torch.equal(unpack_bits(packed, n), bits)
+
+
+# ---- pack → unpack is exact for every method -------------------------------------------------------------
+@pytest.mark.parametrize("method", PACKABLE)
+@FAST
+@given(n=st.integers(1, 25), m=st.integers(16, 200), block=st.sampled_from([128, 64, 40]))
+def test_pack_unpack_bit_exact(method, n, m, block):
+    res = quantized(method, n, m, block)
+    packed = PackedLinear.from_blocks(method, res.blocks, (n, m), block)
+    assert torch.equal(packed.dequantize(), res.q)
+    for got, want in zip(packed.blocks(), res.blocks):
+        assert list(got) == list(want)
+        for k in want:
+            assert got[k].dtype == (torch.bool if want[k].dtype == torch.bool else torch.float16)
+            assert torch.equal(got[k].float(), want[k].float())
+    assert packed.exact_bits() == res.bits.storage == sum(storage_bits(b) for b in res.blocks)
+    assert 0 <= packed.payload_bytes() * 8 - packed.exact_bits() < 8  # one bit stream: < 1 byte of padding
+
+
+def test_identity_is_not_packable():
+    with pytest.raises(PackedFormatError, match="cannot be packed"):
+        PackCollector(get_adapter(tiny_model("llama", 1)), "identity", 128)
+
+
+# ---- packed forward ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", PACKABLE)
+def test_packed_forward_equals_dense(method):
+    n, m = 21, 200
+    res = quantized(method, n, m, 64)
+    bias = torch.randn(n)
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), 64), bias)
+    for tokens in (1, 7, 16, 33):  # ≤ 16: packed kernel where the layout has one; 33: dense path
+        x = torch.randn(2, tokens, m)
+        ref = (x.double() @ res.q.double().T + bias.double()).float()  # float64 reference of y = Ŵx + b
+        torch.testing.assert_close(mod(x), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mod.reference_forward(x), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(kernels.KERNEL_LAYOUTS))
+def test_kernel_is_used_and_matches(method):
+    if kernels.extension() is None:
+        pytest.skip("C++ extension could not be built here")
+    res = quantized(method, 21, 200, 64)
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (21, 200), 64))
+    x = torch.randn(3, 200)
+    assert mod.kernel_ok(3, x)
+    y = kernels.packed_gemm(x, mod.packed_bits, mod.packed_fp16, mod._table, 21, mod._layout_id)
+    torch.testing.assert_close(y, F.linear(x, res.q), atol=1e-4, rtol=1e-4)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory):
+    """A packed braq checkpoint of a tiny llama, with the fake-quant model's logits."""
+    model = tiny_model("llama", 1)
+    ids = random_ids(2, 24)
+    col = PackCollector(get_adapter(model), "braq", 128)
+    res = quantize(model, QuantConfig(method="braq"), ids, on_layer=col)
+    with torch.no_grad():
+        logits = model(ids).logits
+    d = tmp_path_factory.mktemp("packed")
+    save_packed(model, d, col.packed, "braq", {}, 128, res.bits)
+    return d, ids, logits, res
+
+
+def test_from_pretrained_roundtrip(packed_dir):
+    from transformers import AutoModelForCausalLM
+
+    d, ids, logits, _ = packed_dir
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, OnebitLinear) and not hasattr(q, "weight")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, atol=0, rtol=0)  # reference path: exact
+        short = ids[:, :8]  # ≤ 16 tokens: the packed kernel
+        torch.testing.assert_close(model(short).logits, logits[:, :8], atol=2e-4, rtol=1e-4)
+    out = model.generate(ids[:1, :4], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_measured_bpw_equals_report(packed_dir):
+    d, _, _, res = packed_dir
+    m = measured_bpw(d)
+    assert m["storage_bpw_measured"] == pytest.approx(res.bits.storage_bpw, abs=0)
+    assert m["padding_bits"] == 0
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "onebit" and qc["format_version"] == 1 and qc["method"] == "braq"
+    assert qc["storage"]["storage_bpw_report"] == res.bits.storage_bpw
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _load(d: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d)
+
+
+def test_truncated_checkpoint_is_refused(packed_dir, tmp_path):
+    d = _copy(packed_dir[0], tmp_path / "t")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(PackedFormatError, match="truncated"):
+        load_packed(d)
+    with pytest.raises(PackedFormatError, match="truncated"):
+        _load(d)
+
+
+def test_corrupted_checkpoint_is_refused(packed_dir, tmp_path):
+    from safetensors import safe_open
+
+    d = _copy(packed_dir[0], tmp_path / "c")
+    f = d / "model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        key = "model.layers.0.mlp.down_proj.packed_bits"
+        target = h.get_tensor(key)[:16].numpy().tobytes()
+    raw = bytearray(f.read_bytes())
+    pos = raw.find(target)
+    raw[pos + 3] ^= 0x10  # one flipped bit in a sign plane
+    f.write_bytes(bytes(raw))
+    with pytest.raises(PackedFormatError, match="CRC32"):
+        load_packed(d)
+    with pytest.raises(PackedFormatError, match="CRC32"):
+        _load(d)
+
+
+def test_wrong_version_is_refused(packed_dir, tmp_path):
+    d = _copy(packed_dir[0], tmp_path / "v")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PackedFormatError, match="format version 99"):
+        load_packed(d)
+    with pytest.raises(PackedFormatError, match="format version 99"):
+        _load(d)
+
+
+def test_shape_mismatch_is_refused(packed_dir, tmp_path):
+    d = _copy(packed_dir[0], tmp_path / "s")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 256
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PackedFormatError, match="shape mismatch"):
+        _load(d)
+
+
+# ---- onebit pack (after the fact) --------------------------------------------------------------------------
+def test_repack_sign_exact_and_braq_refused():
+    res = quantized("sign", 21, 200, 64)
+    packed = repack_linear("sign", res.q, 64)
+    assert torch.equal(packed.dequantize(), res.q)
+    assert packed.exact_bits() == res.bits.storage
+    with pytest.raises(PackedFormatError, match="save-packed"):
+        repack_linear("braq", quantized("braq", 21, 200, 64).q, 64)
+
+
+# ---- GGUF Q1_0 -------------------------------------------------------------------------------------------
+def test_q1_0_block_layout_by_hand():
+    from onebit.export.gguf_q1 import dequantize_q1_0, quantize_q1_0
+
+    w = torch.full((1, 128), -0.5)
+    w[0, [0, 9, 127]] = torch.tensor([1.5, 0.5, 2.5])
+    raw = quantize_q1_0(w)
+    d = np.float16((1.5 + 0.5 + 2.5 + 125 * 0.5) / 128)
+    expected = bytearray(d.tobytes()) + bytearray(16)
+    expected[2 + 0] |= 1  # weight 0 → byte 0 bit 0
+    expected[2 + 1] |= 1 << 1  # weight 9 → byte 1 bit 1
+    expected[2 + 15] |= 1 << 7  # weight 127 → byte 15 bit 7
+    assert raw.tobytes() == bytes(expected)
+    back = dequantize_q1_0(raw, 1, 128)
+    assert torch.equal(back, torch.where(w > 0, 1.0, -1.0) * float(d))
+
+
+def test_export_gguf_roundtrip(tmp_path):
+    """A Q1_0-compatible llama (in_features multiple of 128) packed with ``sign``, exported and read back."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from onebit.export.gguf_q1 import dequantize_q1_0, export_q1_gguf, quantize_q1_0, read_q1_gguf
+
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    col = PackCollector(get_adapter(model), "sign", 128)
+    res = quantize(model, QuantConfig(method="sign"), random_ids(2, 16), on_layer=col)
+    tk = Tokenizer(models.BPE({chr(33 + i): i for i in range(96)}, []))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    d = tmp_path / "p"
+    save_packed(model, d, col.packed, "sign", {}, 128, res.bits, PreTrainedTokenizerFast(tokenizer_object=tk))
+    out = tmp_path / "m.gguf"
+    summary = export_q1_gguf(d, out)
+    assert summary["q1_bpw"] == 1.125
+    got = read_q1_gguf(out, cfg)
+    _, packed = load_packed(d)
+    assert len(got) == len(packed) == 7
+    for name, p in packed.items():
+        w = p.dequantize()
+        # sign blocks are μ ± α; Q1_0 keeps sign(Ŵ) and mean |Ŵ|
+        assert torch.equal(got[f"{name}.weight"], dequantize_q1_0(quantize_q1_0(w), *w.shape))
+        assert torch.equal(got[f"{name}.weight"] > 0, w > 0)
