@@ -1,4 +1,4 @@
-"""Command line: ``onebit quantize``, ``onebit eval``, ``onebit methods``, ``onebit table``."""
+"""Command line: ``onebit quantize``, ``onebit eval``, ``onebit methods``, ``onebit table``, ``onebit report``."""
 
 from __future__ import annotations
 
@@ -67,15 +67,39 @@ def _resolve_device(device: str) -> str:
 def evaluate_ppl(model, tok, datasets: list[str], seqlen: int, device: str, data_dir: str | None, windows: int | None, label: str) -> dict[str, float]:
     from .data import eval_ids
     from .eval import perplexity
-    from .models import get_adapter
 
     out = {}
     for name in datasets:
         ids = eval_ids(name, tok, data_dir, seqlen)
         t0 = time.perf_counter()
-        out[name] = perplexity(model, get_adapter(model), ids, seqlen, device, windows)
+        out[name] = perplexity(model, ids, seqlen, device, windows)
         console.print(f"[bold]{label}[/] {name}: ppl {out[name]:.3f} ({time.perf_counter() - t0:.0f} s)")
     return out
+
+
+def evaluate_zeroshot(model, tok, tasks: list[str], device: str, data_dir: str | None, limit: int | None,
+                      task_data: str, batch_size: int, label: str) -> dict[str, Any]:
+    """lm-eval zero-shot acc / acc_norm per task and their average (``onebit.eval.zeroshot``)."""
+    from .eval.zeroshot import markdown, zeroshot
+
+    t0 = time.perf_counter()
+    z = zeroshot(model, tok, tasks, data_dir, limit, batch_size, device, task_data)
+    z["seconds"] = time.perf_counter() - t0
+    console.print(f"[bold]{label}[/] zero-shot (limit {limit}, {z['seconds']:.0f} s):\n{markdown(z)}")
+    return z
+
+
+def _tasks(tasks: str, task_data: str, data_dir: str | None) -> list[str]:
+    """``--tasks``: comma-separated lm-eval task names, or ``all`` for the seven of framework §6; local task
+    files are checked here, before any model work."""
+    from .eval.zeroshot import TASKS, local_paths
+
+    names = list(TASKS) if _csv(tasks) == ["all"] else _csv(tasks)
+    if task_data not in ("local", "hub"):
+        raise typer.BadParameter(f"--task-data must be local or hub, got {task_data!r}")
+    for t in names if task_data == "local" else []:
+        local_paths(t, data_dir)
+    return names
 
 
 @app.command()
@@ -98,6 +122,7 @@ def quantize(
     eval_seqlen: Optional[int] = typer.Option(None, min=2, help="evaluation window length (default: --seqlen)"),
     fp_eval: bool = typer.Option(True, "--fp-eval/--no-fp-eval", help="also evaluate the unquantized model"),
     save: bool = typer.Option(False, help="write the fake-quantized model (save_pretrained) to OUT/model"),
+    save_packed: Optional[Path] = typer.Option(None, help="write a packed 1-bit checkpoint here (docs/format.md)"),
     salient_metric: Optional[str] = typer.Option(None, help="hessian | magnitude (| l2 | l1 for HBLLM)"),
     iters: Optional[int] = typer.Option(None, help="ARB refinement iterations"),
     iters_x: Optional[int] = typer.Option(None, help="ARB-X refinement iterations"),
@@ -107,13 +132,32 @@ def quantize(
     group_partition: Optional[str] = typer.Option(None, help="HBLLM: row | global"),
     haar_compat: Optional[bool] = typer.Option(None, "--haar-compat/--no-haar-compat", help="HBLLM reference constant"),
     method_option: list[str] = typer.Option([], "--method-option", "-m", help="any method option as key=value"),
+    transform: str = typer.Option("none", help="float pre-pass: none | dbell (DBellQuant's LTDB, docs/dbellquant.md)"),
+    act_bits: int = typer.Option(16, help="per-token activation fake quant of every decoder linear: 16 (off) | 8 | 6 | 4"),
+    hessian_from_quantized_acts: bool = typer.Option(
+        True, "--hessian-from-quantized-acts/--no-hessian-from-quantized-acts", help="H from x̂ (reference) or from x"),
+    ltdb_epochs: int = typer.Option(200, min=0, help="LTDB: max SGD steps per 128-column block"),
+    ltdb_lr: float = typer.Option(0.01, help="LTDB: SGD learning rate"),
+    ltdb_p: float = typer.Option(1.0, help="LTDB: DTNP loss exponent (1 = paper's ablation winner, 2 = release)"),
+    ltdb_opt: str = typer.Option("ltdb", help="OPT models: ltdb | smoothquant (the release's plain SmoothQuant path)"),
+    act_scales: Optional[Path] = typer.Option(None, help="act scales from `onebit act-scales` (default: from calibration)"),
     name: Optional[str] = typer.Option(None, help="run name in tables (default: the method)"),
+    tasks: str = typer.Option("", help="zero-shot lm-eval tasks after quantizing ('all' = the seven; needs onebit[eval])"),
+    limit: Optional[int] = typer.Option(None, min=1, help="zero-shot: first N documents per task"),
+    task_data: str = typer.Option("local", help="zero-shot documents: local (data dir) | hub (official sources, online)"),
+    batch_size: int = typer.Option(16, min=1, help="zero-shot batch size"),
+    stream: bool = typer.Option(False, help="never load the whole model: read one decoder layer at a time (needs --out)"),
+    resume: bool = typer.Option(False, help="continue a killed run in --out at the first layer not written"),
+    offload_acts: Optional[Path] = typer.Option(None, help="keep calibration activations in memory-mapped files here"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
-    """Binarize MODEL_PATH's decoder linears, evaluate perplexity, write OUT/report.json."""
+    """Binarize MODEL_PATH's decoder linears, evaluate perplexity (and zero-shot), write OUT/report.json."""
     from . import api
     from .config import CalibConfig, QuantConfig
     from .data import calibration_samples
+    from .engine.checkpoint import LayerCheckpoint
+    from .engine.distributed import init_from_env, is_main
+    from .engine.store import StreamedModel, save_streamed
     from .models.loading import load_model
     from .progress import progress_bars
     from .report import print_table, versions, write_json
@@ -123,58 +167,185 @@ def quantize(
                  share_mean=share_mean, group_partition=group_partition, haar_compat=haar_compat)
     try:
         qcfg = QuantConfig(method, method_options_from_flags(method, flags, method_option), blocksize, percdamp, gptq,
-                           true_sequential, _resolve_device(device))
+                           true_sequential, _resolve_device(device),
+                           transform=transform, act_bits=act_bits, hessian_from_quantized_acts=hessian_from_quantized_acts,
+                           ltdb_epochs=ltdb_epochs, ltdb_lr=ltdb_lr, ltdb_p=ltdb_p, ltdb_opt=ltdb_opt,
+                           act_scales=None if act_scales is None else str(act_scales))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if (stream or resume) and out is None:
+        raise typer.BadParameter("--stream and --resume need --out (the run directory holds the layer checkpoints)")
     ccfg = CalibConfig(calib, nsamples, seqlen, seed)
     datasets = _csv(eval)
+    zs_tasks = _tasks(tasks, task_data, data_dir)
     t_start = time.perf_counter()
-    model, tok, path = load_model(model_path)
+    init_from_env(qcfg.device)
+    main = is_main()
+    model, tok, path = load_model(model_path, stream=stream)
     eval_seqlen = eval_seqlen or seqlen
     api.check_seqlen(model, max(seqlen, eval_seqlen))
     samples, source = calibration_samples(calib, tok, nsamples, seqlen, seed, data_dir)
     console.print(f"calibration: {nsamples} × {seqlen} tokens from {source}")
     report: dict[str, Any] = dict(
-        name=name or method, method=method, model=str(path), config=qcfg.to_dict(), calibration=dict(ccfg.to_dict(), source=source),
+        name=name or run_label(qcfg), method=method, model=str(path), config=qcfg.to_dict(), calibration=dict(ccfg.to_dict(), source=source),
         eval=dict(datasets=datasets, seqlen=eval_seqlen, windows=eval_windows), versions=versions(),
     )
-    with progress_bars():
-        if fp_eval and datasets:
+    ckpt = None if out is None else LayerCheckpoint(out / "layers", dict(
+        model=str(path), config=qcfg.to_dict(), calibration=ccfg.to_dict(), onebit=versions()["onebit"]))
+    with progress_bars(enabled=main):
+        if fp_eval and datasets and main:
             report["ppl_fp"] = evaluate_ppl(model, tok, datasets, eval_seqlen, qcfg.device, data_dir, eval_windows, "fp")
-        res = api.quantize(model, qcfg, samples)
+        if fp_eval and zs_tasks and main:
+            report["zeroshot_fp"] = evaluate_zeroshot(model, tok, zs_tasks, qcfg.device, data_dir, limit, task_data,
+                                                      batch_size, "fp")
+        before = _plot_snapshot(model, qcfg, out)
+        collector = _pack_collector(model, qcfg, save_packed, stream, resume)
+        res = api.quantize(model, qcfg, samples, on_layer=collector, checkpoint=ckpt, resume=resume, offload_acts=offload_acts)
+        if not main:
+            return  # the other ranks helped with calibration and solving; rank 0 evaluates and writes
+        if stream:
+            model = StreamedModel(path, overrides=ckpt.weights)
+        if before:
+            from .transforms.plots import plot_weight_histograms
+
+            report["plots"] = [p.name for p in plot_weight_histograms(before, res.transform_scales, out)]
+        if res.transform:
+            report["transform"] = res.transform
         report.update(paper_bpw=res.paper_bpw, storage_bpw=res.storage_bpw, bits=res.bits.to_dict(), seconds=res.seconds,
                       layers=[r.to_dict() for r in res.layers])
         report["ppl"] = evaluate_ppl(model, tok, datasets, eval_seqlen, qcfg.device, data_dir, eval_windows, method)
+        if zs_tasks:
+            report["zeroshot"] = evaluate_zeroshot(model, tok, zs_tasks, qcfg.device, data_dir, limit, task_data,
+                                                   batch_size, method)
     report["wall_seconds"] = time.perf_counter() - t_start
     if out is not None:
         write_json(out / "report.json", report)
         if save:
-            model.save_pretrained(out / "model")
+            save_streamed(model, out / "model") if stream else model.save_pretrained(out / "model")
             tok.save_pretrained(out / "model")
         console.print(f"report: {out / 'report.json'}")
+    if collector is not None:
+        _write_packed(model, tok, save_packed, collector, qcfg, res.bits)
     print_table([report])
+
+
+def _pack_collector(model, qcfg, save_packed: Path | None, stream: bool, resume: bool):
+    """The ``on_layer`` callback that packs each linear for ``--save-packed`` (None when not asked)."""
+    if save_packed is None:
+        return None
+    from .formats.checkpoint import PackCollector
+    from .formats.packed import PackedFormatError, check_packable
+    from .models import get_adapter
+
+    if stream or resume:
+        raise typer.BadParameter("--save-packed needs the whole model in memory in one run: drop --stream/--resume")
+    if qcfg.act_bits is not None:
+        raise typer.BadParameter("--save-packed stores weights only; activation quantization (--act-bits) is not in the format")
+    try:
+        check_packable(qcfg.method)
+    except PackedFormatError as e:
+        raise typer.BadParameter(str(e)) from None
+    return PackCollector(get_adapter(model), qcfg.method, qcfg.blocksize)
+
+
+def _write_packed(model, tok, out_dir: Path, collector, qcfg, bits) -> None:
+    from .formats.checkpoint import measured_bpw, save_packed
+
+    save_packed(model, out_dir, collector.packed, qcfg.method, qcfg.to_dict()["method_options"], qcfg.blocksize, bits, tok)
+    m = measured_bpw(out_dir)
+    console.print(
+        f"packed checkpoint: {out_dir}  storage bpw: report {bits.storage_bpw:.4f}, measured from bytes "
+        f"{m['storage_bpw_measured']:.4f} (padding {m['padding_bits']} bits; index {m['index_bpw']:.4f} bpw); "
+        f"paper bpw {bits.paper_bpw:.4f}; file {m['file_bytes'] / 2**20:.1f} MiB"
+    )
+
+
+def run_label(cfg) -> str:
+    """Default run name: the method, with the DBellQuant pre-pass and activation bits when used."""
+    label = f"dbell+{cfg.method}" if cfg.transform == "dbell" else cfg.method
+    return label + (f" A{cfg.act_bits}" if cfg.act_bits else "")
+
+
+def _plot_snapshot(model, cfg, out: Path | None) -> dict[str, Any]:
+    """Copies of a few linears' weights before the transform, for the histogram PNGs (needs matplotlib)."""
+    import importlib.util
+
+    if cfg.transform != "dbell" or out is None:
+        return {}
+    if importlib.util.find_spec("matplotlib") is None:
+        console.print("matplotlib absent (pip install 'onebit[plots]'): no weight histograms")
+        return {}
+    from .models import get_adapter
+    from .transforms.plots import pick_plot_linears
+
+    adapter = get_adapter(model)
+    n_layers = len(adapter.decoder_layers(model))
+    names = [f"{adapter.layers}.{i}.{n}" for i in range(n_layers) for g in adapter.groups if g.feeder_kind == "norm"
+             for n in g.linears]
+    return {n: model.get_submodule(n).weight.detach().float().clone() for n in pick_plot_linears(names, n_layers)}
+
+
+@app.command("act-scales")
+def act_scales_cmd(
+    model_path: str = typer.Argument(..., help="local HF model directory, or 'smollm2'"),
+    calib: str = typer.Option("c4", help="calibration set: wikitext2, c4, ptb, wikitext2-tok, shakespeare"),
+    out: Path = typer.Option(..., help="output .safetensors file"),
+    nsamples: int = typer.Option(128, min=1),
+    seqlen: int = typer.Option(2048, min=2),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA"),
+) -> None:
+    """Per-channel max |input| of every decoder linear over calibration windows (DBellQuant's act_scales)."""
+    from . import api
+    from .data import calibration_samples
+    from .models import get_adapter
+    from .models.loading import load_model
+    from .progress import progress_bars
+    from .transforms import compute_act_scales, save_act_scales
+
+    _setup_logging(False)
+    model, tok, _ = load_model(model_path)
+    api.check_seqlen(model, seqlen)
+    samples, source = calibration_samples(calib, tok, nsamples, seqlen, seed, data_dir)
+    with progress_bars():
+        scales = compute_act_scales(model, get_adapter(model), samples, _resolve_device(device))
+    save_act_scales(scales, out)
+    console.print(f"{len(scales)} linears, {nsamples} × {seqlen} tokens from {source} → {out}")
 
 
 @app.command("eval")
 def eval_cmd(
-    model_path: str = typer.Argument(..., help="local HF model directory, or 'smollm2'"),
-    ppl: str = typer.Option("wikitext2", help="comma-separated perplexity sets"),
+    model_path: str = typer.Argument(..., help="local HF model directory, a run directory saved with --save, or 'smollm2'"),
+    ppl: Optional[str] = typer.Option(None, help="comma-separated perplexity sets (default wikitext2 unless --tasks)"),
+    tasks: str = typer.Option("", help="zero-shot lm-eval tasks ('all' = the seven of the papers; needs onebit[eval])"),
+    limit: Optional[int] = typer.Option(None, min=1, help="zero-shot: first N documents per task"),
+    task_data: str = typer.Option("local", help="zero-shot documents: local (data dir) | hub (official sources, online)"),
+    batch_size: int = typer.Option(16, min=1, help="zero-shot batch size"),
     seqlen: int = typer.Option(2048, min=2),
     device: str = typer.Option("auto"),
     data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA"),
     eval_windows: Optional[int] = typer.Option(None, min=1),
 ) -> None:
-    """Perplexity of a (fake-quantized or float) model, exactly as the papers compute it."""
+    """Perplexity (exactly as the papers compute it) and/or zero-shot accuracy of a float or fake-quantized model."""
     from . import api
     from .models.loading import load_model
     from .progress import progress_bars
 
     _setup_logging(False)
+    zs_tasks = _tasks(tasks, task_data, data_dir)
+    sets = _csv(ppl) if ppl is not None else ([] if zs_tasks else ["wikitext2"])
+    if (Path(model_path) / "model" / "config.json").exists():  # a run directory written with --save
+        model_path = str(Path(model_path) / "model")
     model, tok, _ = load_model(model_path)
-    api.check_seqlen(model, seqlen)
-    with progress_bars():
-        res = evaluate_ppl(model, tok, _csv(ppl), seqlen, _resolve_device(device), data_dir, eval_windows, "model")
-    typer.echo(json.dumps({"ppl": res}))
+    dev, out = _resolve_device(device), {}
+    if sets:
+        api.check_seqlen(model, seqlen)
+        with progress_bars():
+            out["ppl"] = evaluate_ppl(model, tok, sets, seqlen, dev, data_dir, eval_windows, "model")
+    if zs_tasks:
+        out["zeroshot"] = evaluate_zeroshot(model, tok, zs_tasks, dev, data_dir, limit, task_data, batch_size, "model")
+    typer.echo(json.dumps(out))
 
 
 @app.command()
@@ -195,6 +366,100 @@ def table(run_dirs: list[Path] = typer.Argument(..., help="directories written b
         typer.echo(markdown_table(reports))
     else:
         print_table(reports, Console())
+
+
+@app.command()
+def report(run_dirs: list[Path] = typer.Argument(..., help="directories written by `onebit quantize --out`"),
+           out: Path = typer.Option(Path("runs/report"), help="where report.md and the PNG plots go")) -> None:
+    """Compare runs: one markdown table (bpw, ppl, zero-shot, seconds) and plots (ppl vs storage bpw, per-layer error)."""
+    from .report import write_report
+
+    md, paths = write_report(run_dirs, out)
+    typer.echo(md)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def pack(
+    run_dir: Path = typer.Argument(..., help="an `onebit quantize --out RUN --save` directory (report.json + model/)"),
+    out: Path = typer.Option(..., help="where to write the packed checkpoint"),
+) -> None:
+    """Pack a fake-quantized model after the fact (only methods whose stored form Ŵ determines: sign)."""
+    from .formats.checkpoint import measured_bpw, save_packed
+    from .formats.packed import PackedFormatError
+    from .formats.repack import repack_linear
+    from .models import get_adapter
+    from .models.loading import load_model
+    from .report import load_report
+
+    report = load_report(run_dir)
+    method, block_size = report["method"], report["config"]["blocksize"]
+    model, tok, _ = load_model(str(run_dir / "model"))
+    adapter = get_adapter(model)
+    packed = {}
+    try:
+        for i, layer in enumerate(adapter.decoder_layers(model)):
+            for name, lin in adapter.linears(layer).items():
+                full = f"{adapter.layers}.{i}.{name}"
+                packed[full] = repack_linear(method, lin.weight, block_size, full)
+    except PackedFormatError as e:
+        raise typer.BadParameter(str(e)) from None
+    save_packed(model, out, packed, method, report["config"]["method_options"], block_size, tokenizer=tok)
+    m = measured_bpw(out)
+    console.print(f"packed checkpoint: {out}  storage bpw measured {m['storage_bpw_measured']:.4f} "
+                  f"(report {report.get('storage_bpw', float('nan')):.4f}), paper bpw {report.get('paper_bpw', float('nan')):.4f}")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    model_dir: Path = typer.Argument(..., help="a packed checkpoint (`onebit quantize --save-packed DIR`)"),
+    out: Path = typer.Argument(..., help="the .gguf file to write (llama.cpp Q1_0 linears)"),
+    eval: str = typer.Option("", "--eval", help="also report perplexity of the packed model and of the Q1_0 projection"),
+    eval_seqlen: int = typer.Option(2048, min=2),
+    eval_windows: Optional[int] = typer.Option(None, min=1),
+    data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Write a GGUF whose decoder linears are Q1_0 (fp16 scale + 128 sign bits): a lossy projection."""
+    from .export.gguf_q1 import export_q1_gguf
+
+    summary = export_q1_gguf(model_dir, out)
+    console.print(f"wrote {out}: {summary['file_bytes'] / 2**20:.1f} MiB; Q1_0 linears {summary['q1_bpw']:.4f} bpw")
+    datasets = _csv(eval)
+    if datasets:
+        summary["ppl_packed"], summary["ppl_q1_0"] = _eval_projection(model_dir, out, datasets, eval_seqlen,
+                                                                      eval_windows, data_dir, _resolve_device(device))
+    typer.echo(json.dumps(summary))
+
+
+def _eval_projection(model_dir: Path, gguf_path: Path, datasets, seqlen, windows, data_dir, device):
+    """Perplexity of the packed model and of the model rebuilt from the GGUF's Q1_0 tensors."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .export.gguf_q1 import read_q1_gguf
+    from .formats.checkpoint import WEIGHTS_FILE
+    from .nn import set_dense_cache
+    from .progress import progress_bars
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    packed_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    set_dense_cache(packed_model)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    del cfg.quantization_config
+    proj = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
+        state = {k: f.get_tensor(k).float() for k in f.keys() if ".packed_" not in k}
+    state.update(read_q1_gguf(gguf_path, cfg))
+    missing, unexpected = proj.load_state_dict(state, strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise RuntimeError(f"Q1_0 projection: missing {missing}, unexpected {unexpected}")
+    proj.tie_weights()
+    with progress_bars():
+        a = evaluate_ppl(packed_model, tok, datasets, seqlen, device, data_dir, windows, "packed")
+        b = evaluate_ppl(proj, tok, datasets, seqlen, device, data_dir, windows, "Q1_0 projection")
+    return a, b
 
 
 def main() -> None:

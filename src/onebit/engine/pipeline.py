@@ -83,13 +83,17 @@ class EngineOptions:
 
 def _collect_hessians(
     layer: nn.Module, linears: dict[str, nn.Linear], inputs: Tensor, call: Any, out: Tensor, device: str, desc: str,
-    raw_inputs: bool = False,
+    raw_inputs: bool = False, shared: list[tuple[str, ...]] = (),
 ) -> dict[str, HessianAccumulator]:
-    accs = {name: HessianAccumulator(lin.in_features, device) for name, lin in linears.items()}
-    hooks = [
-        lin.register_forward_pre_hook(accs[name].pre_hook, prepend=True) if raw_inputs else lin.register_forward_hook(accs[name].hook)
-        for name, lin in linears.items()
-    ]
+    """Hessians of ``linears`` over one pass of the layer. Linears listed together in ``shared`` read the same
+    input (q/k/v, gate/up): they share one accumulator, hooked on the first of them."""
+    accs: dict[str, HessianAccumulator] = {}
+    hooks = []
+    for names in [g for g in shared if g[0] in linears] + [(n,) for n in linears if not any(n in g for g in shared)]:
+        acc = HessianAccumulator(linears[names[0]].in_features, device)
+        accs.update({n: acc for n in names if n in linears})
+        lin = linears[names[0]]
+        hooks.append(lin.register_forward_pre_hook(acc.pre_hook, prepend=True) if raw_inputs else lin.register_forward_hook(acc.hook))
     try:
         run_layer(layer, inputs, call, device, out=out, description=desc)
     finally:
@@ -104,7 +108,7 @@ def _solve_group(
 ) -> tuple[dict[str, LinearResult], list[LinearRecord]]:
     """Quantize a group's linears, split over the ranks (round robin); results broadcast from their solver."""
     rank, world = rank_world()
-    for acc in accs.values():  # partial Hessians of all ranks summed: every rank solves with the same H
+    for acc in {id(a): a for a in accs.values()}.values():  # partial Hessians of all ranks summed
         all_reduce_(acc.xtx)
         acc.nsamples = int(all_reduce_(torch.tensor([acc.nsamples], device=acc.xtx.device)).item())
     mine: dict[str, tuple[LinearResult, float]] = {}
@@ -171,7 +175,7 @@ def quantize_model_layers(
                 # the first pass runs the still-full-precision layer: its outputs are the reference outputs
                 accs = _collect_hessians(
                     layer, {n: linears[n] for n in group}, inps, calls[idx], fp_out if s == 0 else q_out, opts.device,
-                    f"layer {idx}: hessians", opts.hessian_raw_inputs,
+                    f"layer {idx}: hessians", opts.hessian_raw_inputs, [g.linears for g in adapter.groups],
                 )
                 res_g, recs_g = _solve_group(group, linears, accs, method, opts, idx)
                 results.update(res_g)
