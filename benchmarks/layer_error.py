@@ -1,11 +1,12 @@
-"""Output error of braq vs HBLLM variants on one real decoder layer (cheap stand-in for a full-model run).
+"""Output error of binarization methods on one real decoder layer (a cheap stand-in for full-model runs).
 
 Captures the fp inputs of every linear of one decoder layer of the embedded model on the demo calibration
 set, then quantizes each linear with each method (block loop with compensation, as the pipeline does) and
 prints, per method, the Hessian-weighted relative error Σ tr(ΔW H ΔWᵀ) / Σ tr(W H Wᵀ) over the layer's
 linears, paper and storage bpw, and seconds. For layer 0 these Hessians are exactly what the pipeline uses.
 
-    .venv/bin/python benchmarks/hbllm_layer_error.py --layer 0
+    .venv/bin/python benchmarks/layer_error.py --set arb --layer 0
+    .venv/bin/python benchmarks/layer_error.py --set hbllm --layer 0
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from onebit.methods import Bits, build_method
 from onebit.models import get_adapter
 from onebit.models.loading import load_model
 
-METHODS = [("braq", {}), ("row-hbraq", {}), ("row-hbraq", {"share_mean": True}), ("col-hbraq", {}),
-           ("col-hbraq", {"share_mean": True})]
+SETS = {
+    "arb": [("sign", {}), ("braq", {}), ("arb", {}), ("arb", {"cgb": True}), ("arb-x", {"cgb": False}),
+            ("arb-x", {}), ("arb-rc", {"cgb": False}), ("arb-rc", {})],
+    "hbllm": [("braq", {}), ("row-hbraq", {}), ("row-hbraq", {"share_mean": True}), ("col-hbraq", {}),
+              ("col-hbraq", {"share_mean": True})],
+}
 
 
 class _Stop(Exception):
@@ -54,7 +59,8 @@ def layer_hessians(model, layer_index: int, ids: torch.Tensor) -> dict[str, tupl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", choices=sorted(SETS), default="arb")
     ap.add_argument("--layer", type=int, default=0)
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=1024)
@@ -64,18 +70,19 @@ def main() -> None:
     ids, source = calibration_samples("c4", tok, args.nsamples, args.seqlen, 0)
     mats = layer_hessians(model, args.layer, ids)
     print(f"layer {args.layer}, {len(mats)} linears, calibration {args.nsamples} × {args.seqlen} from {source}\n")
-    print("| method | Σ tr(ΔW H ΔWᵀ) / Σ tr(W H Wᵀ) | paper bpw | storage bpw | seconds |")
-    print("|---|---|---|---|---|")
-    for name, opts in METHODS:
+    print("| method | options | Σ tr(ΔW H ΔWᵀ) / Σ tr(W H Wᵀ) | paper bpw | storage bpw | seconds |")
+    print("|---|---|---|---|---|---|")
+    for name, opts in SETS[args.set]:
+        method = build_method(name, **opts)
         t0, num, den, bits = time.perf_counter(), 0.0, 0.0, Bits()
         for w, h in mats.values():
-            res = quantize_linear(w, h, build_method(name, **opts))
+            res = quantize_linear(w, h, method)
             dw = res.q - w
             num += float((dw @ h * dw).sum())
             den += float((w @ h * w).sum())
             bits = bits + res.bits
-        label = name + (" --share-mean" if opts else "")
-        print(f"| {label} | {num / den:.4f} | {bits.paper_bpw:.3f} | {bits.storage_bpw:.3f} | "
+        label = " ".join(f"{k}={v}" for k, v in opts.items()) or "–"
+        print(f"| {name} | {label} | {num / den:.4f} | {bits.paper_bpw:.3f} | {bits.storage_bpw:.3f} | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)
 
 
