@@ -45,10 +45,11 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def summary_table(reports: list[dict[str, Any]]) -> Table:
-    """One row per run: method, options, ppl (fp → binarized) per dataset, paper/storage bpw, seconds."""
+    """One row per run: method, ppl (fp → binarized) per dataset, paper/storage bpw, quantization seconds
+    (calibration passes + solving) and wall seconds of the whole command (loading and evaluation included)."""
     datasets = sorted({d for r in reports for d in (r.get("ppl") or {})})
     t = Table(title="onebit results")
-    for col in ("run", "method", *[f"ppl {d} (fp → q)" for d in datasets], "paper bpw", "storage bpw", "quant s"):
+    for col in ("run", "method", *[f"ppl {d} (fp → q)" for d in datasets], "paper bpw", "storage bpw", "quant s", "wall s"):
         t.add_column(col)
     for r in reports:
         ppl, fp = r.get("ppl") or {}, r.get("ppl_fp") or {}
@@ -56,6 +57,7 @@ def summary_table(reports: list[dict[str, Any]]) -> Table:
             r.get("name", ""), r["method"],
             *[f"{_fmt(fp.get(d))} → {_fmt(ppl.get(d))}" for d in datasets],
             _fmt(r.get("paper_bpw"), 3), _fmt(r.get("storage_bpw"), 3), _fmt(r.get("seconds"), 0),
+            _fmt(r.get("wall_seconds"), 0),
         )
     return t
 
