@@ -7,14 +7,17 @@ from torch import Tensor, nn
 
 
 class HessianAccumulator:
-    """Accumulates Σ x xᵀ in fp32 over the inputs of one linear; N counts sequences (as the references).
+    """Accumulates Σ x xᵀ over the inputs of one linear; N counts sequences (as the references).
 
+    Each batch's x xᵀ is an fp32 matmul; the running sum is float64, so the Hessian handed to the solver
+    (fp32) does not depend on the order in which batches are added: one process and several torchrun
+    ranks (partial sums all-reduced) give the same H, hence the same masks and signs.
     ``token_mask`` (same leading shape as x without the feature dim) excludes padding tokens from XᵀX.
     The raw sum and N are kept so partial Hessians from several processes can simply be added.
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.nsamples = 0
 
     def add_batch(self, x: Tensor, token_mask: Tensor | None = None) -> None:
@@ -22,13 +25,13 @@ class HessianAccumulator:
         x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float32)
         if token_mask is not None:
             x = x[token_mask.reshape(-1).to(x.device)]
-        self.xtx.addmm_(x.t(), x)
+        self.xtx += (x.t() @ x).double()
         self.nsamples += batch
 
     @property
     def hessian(self) -> Tensor:
-        """(2/N)·Σ x xᵀ."""
-        return self.xtx * (2.0 / max(self.nsamples, 1))
+        """(2/N)·Σ x xᵀ in fp32."""
+        return (self.xtx * (2.0 / max(self.nsamples, 1))).float()
 
     def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         self.add_batch(inputs[0].detach())
