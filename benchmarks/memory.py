@@ -23,10 +23,11 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from onebit import QuantConfig, quantize
 from onebit.engine.checkpoint import LayerCheckpoint
-from onebit.models.loading import load_model
+from onebit.engine.store import StreamedModel
+from transformers import AutoModelForCausalLM
 path, stream, method, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
 t0 = time.perf_counter()
-model, tok, _ = load_model(path, stream=stream)
+model = StreamedModel(path) if stream else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 ids = torch.randint(0, 1000, (4, 512), generator=torch.Generator().manual_seed(0))
 quantize(model, QuantConfig(method=method), ids, checkpoint=LayerCheckpoint(out, {}))
 print(json.dumps(dict(wall=time.perf_counter() - t0, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
@@ -36,7 +37,9 @@ print(json.dumps(dict(wall=time.perf_counter() - t0, rss_mb=resource.getrusage(r
 def measure(path: str, stream: bool, method: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as out:
         res = subprocess.run([sys.executable, "-c", CHILD, path, "1" if stream else "0", method, out],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-2000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -98,20 +101,20 @@ def braq_seconds_per_weight() -> float:
 
 def plan(sec_per_weight: float, nsamples: int = 128, seqlen: int = 2048) -> None:
     """Peak RAM and time per layer of a streamed run, from the shapes and the measured solve rate."""
-    print(f"\nmemory plan, streamed, {nsamples} × {seqlen} calibration tokens, fp16 activations, fp32 layer and Hessians")
-    print("| model | layer weights fp32 (GiB) | Hessians + solve working set (GiB) | activations 3 × N×L×h fp16 (GiB) | "
-          "peak RAM ≈ (GiB) | fake-quant output fp16 (GiB) | braq solve per layer, this CPU (min) |\n|---|---|---|---|---|---|---|")
+    print(f"\nmemory plan, streamed, {nsamples} × {seqlen} calibration tokens, fp32 layer and activations")
+    print("| model | layer weights fp32 (GiB) | Hessians + solve working set (GiB) | activations 3 × N×L×h fp32 (GiB) | "
+          "peak RAM ≈ (GiB) | layer checkpoints on disk, fp32 (GiB) | braq solve per layer, this CPU (min) |\n|---|---|---|---|---|---|---|")
     for name, (h, ff, layers, vocab, kv) in SHAPES.items():
         linears = [(h, h), (int(h * kv), h), (int(h * kv), h), (h, h), (ff, h), (ff, h), (h, ff)]
         weights = sum(n * m for n, m in linears)
         layer = weights * 4 / 2**30
-        # Hessians alive after the pass (q/k/v and gate/up share one): 3h² + ff²; solving down_proj adds ~5 ff²
-        # fp32 (damped copy, original for the error figure, Cholesky factor, inverse, U)
-        hess = (3 * h**2 + ff**2 + 5 * ff**2) * 4 / 2**30
-        acts = 3 * nsamples * seqlen * h * 2 / 2**30
+        # Hessian sums alive after the pass (q/k/v and gate/up share one), float64: 3h² + ff²; solving
+        # down_proj adds ~5 ff² fp32 (damped copy, original for the error figure, Cholesky factor, inverse, U)
+        hess = ((3 * h**2 + ff**2) * 8 + 5 * ff**2 * 4) / 2**30
+        acts = 3 * nsamples * seqlen * h * 4 / 2**30  # the CLI computes in fp32
         emb = vocab * h * 4 / 2**30  # embeddings, materialized during capture only
         peak = layer + hess + acts + emb
-        disk = (weights * layers + 2 * vocab * h) * 2 / 2**30
+        disk = weights * layers * 4 / 2**30  # RUN/layers: fp32 fake-quant weights (block params are ~10x smaller)
         print(f"| {name} | {layer:.2f} | {hess:.2f} | {acts:.2f} | {peak:.1f} | {disk:.0f} | "
               f"{sec_per_weight * weights / 60:.1f} |")
 

@@ -66,6 +66,7 @@ class StreamedModel:
         self.path = Path(path)
         self.dtype = dtype
         self.overrides = overrides
+        _return_freed_memory()
         config = AutoConfig.from_pretrained(self.path)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -152,6 +153,24 @@ class StreamedModel:
             mod = find_module(self.model, p)
             if mod is not None:
                 _drop_parameters(mod)
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed large blocks in its heap (its mmap threshold adapts upwards), so a layer-by-layer
+    loop's resident size creeps up by about a layer per layer. Serving every allocation above 64 KiB with
+    mmap and trimming at once hands a released layer back to the OS (measured: 7B-shaped, 3 layers,
+    peak RSS 9822 → 7535 MiB with the same settings given as environment variables). No-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
 
 
 def _drop_parameters(module: nn.Module) -> None:
