@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .config import QuantConfig
@@ -92,7 +91,3 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and seqlen > limit:
         raise ValueError(f"seqlen {seqlen} exceeds the model's context of {limit} tokens (max_position_embeddings)")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -102,28 +102,25 @@ class StreamedModel:
                 return key
         raise KeyError(f"{self.path}: tensor {name!r} not found in the checkpoint")
 
-    def _read(self, keys: list[str]) -> dict[str, Tensor]:
+    def _read_keys(self, keys: list[str]) -> dict[str, Tensor]:
+        """Tensors by checkpoint key (dtype converted), each shard opened once."""
         from safetensors import safe_open
 
-        out: dict[str, Tensor] = {}
         by_file: dict[Path, list[str]] = {}
         for k in keys:
-            by_file.setdefault(self.files[self._key(k)], []).append(k)
+            by_file.setdefault(self.files[k], []).append(k)
+        out: dict[str, Tensor] = {}
         for file, names in by_file.items():
             with safe_open(file, framework="pt") as f:
-                for n in names:
-                    out[n] = f.get_tensor(self._key(n)).to(self.dtype)
+                for k in names:
+                    out[k] = f.get_tensor(k).to(self.dtype)
         return out
 
-    def _read_keys(self, keys: list[str]) -> dict[str, Tensor]:
-        """Tensors by their checkpoint keys, as stored (dtype converted)."""
-        from safetensors import safe_open
-
-        out: dict[str, Tensor] = {}
-        for k in keys:
-            with safe_open(self.files[k], framework="pt") as f:
-                out[k] = f.get_tensor(k).to(self.dtype)
-        return out
+    def _read(self, names: list[str]) -> dict[str, Tensor]:
+        """Tensors by parameter name (resolved to checkpoint keys by ``_key``)."""
+        keys = [self._key(n) for n in names]
+        values = self._read_keys(keys)
+        return {n: values[k] for n, k in zip(names, keys)}
 
     def _fill(self, module: nn.Module, prefix: str, extra: dict[str, Tensor] | None = None) -> None:
         from accelerate.utils import set_module_tensor_to_device
