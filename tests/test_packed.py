@@ -101,6 +101,24 @@ def test_kernel_is_used_and_matches(method):
     torch.testing.assert_close(y, F.linear(x, res.q), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(kernels.KERNEL_LAYOUTS))
+def test_portable_kernel_matches(method):
+    """The non-AVX-512 build (what machines without AVX-512 compile) against the dense product."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable build targets x86-64-v2")
+    ext = kernels.build(portable=True)
+    assert not ext.has_avx512()
+    res = quantized(method, 19, 333, 128)
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (19, 333), 128))
+    for tokens in (1, 5, 13):
+        x = torch.randn(tokens, 333)
+        y = ext.packed_gemm(x, mod.packed_bits, mod.packed_fp16, mod._table, 19, mod._layout_id)
+        torch.testing.assert_close(y, F.linear(x, res.q), atol=1e-4, rtol=1e-4)
+
+
 # ---- checkpoints ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packed_dir(tmp_path_factory):

@@ -33,14 +33,21 @@ def extension() -> ModuleType | None:
     if os.environ.get("ONEBIT_NO_EXT"):
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        src = Path(__file__).with_name("packed_gemv.cpp")
-        flags = ["-O3", "-march=native", "-fopenmp"]
-        return load("onebit_packed_gemv", [str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        return build()
     except Exception as e:  # noqa: BLE001 - any build failure means: use the reference path
         log.warning("onebit packed-GEMV extension unavailable (%s); using the PyTorch reference path", e)
         return None
+
+
+def build(portable: bool = False) -> ModuleType:
+    """Compile (or load the cached build of) the extension; ``portable`` leaves out AVX-512/BMI2 (x86-64-v2
+    code, the path machines without AVX-512 run), so tests can check it on any x86 machine."""
+    from torch.utils.cpp_extension import load
+
+    src = Path(__file__).with_name("packed_gemv.cpp")
+    arch = "-march=x86-64-v2" if portable else "-march=native"
+    name = "onebit_packed_gemv_portable" if portable else "onebit_packed_gemv"
+    return load(name, [str(src)], extra_cflags=["-O3", arch, "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def kernel_layout(method: str, layout: list[list[str]]) -> int | None:

@@ -21,22 +21,8 @@
 
 namespace {
 
-inline uint32_t read_bits(const uint8_t* p, int64_t nbytes, int64_t off, int nb) {
-    if (nb <= 0) return 0;
-    const int64_t b = off >> 3;
-    const int sh = static_cast<int>(off & 7);
-    uint32_t v = 0;
-    if (b + 4 <= nbytes) {
-        std::memcpy(&v, p + b, 4);
-    } else {
-        for (int k = 0; b + k < nbytes && k < 4; ++k) v |= static_cast<uint32_t>(p[b + k]) << (8 * k);
-    }
-    return (v >> sh) & ((1u << nb) - 1u);
-}
-
-// Up to 64 bits starting at bit ``off`` (LSB-first).
-inline uint64_t read_bits64(const uint8_t* p, int64_t nbytes, int64_t off, int nb) {
-    if (nb <= 0) return 0;
+// Up to 64 bits starting at bit ``off`` (LSB-first); branch-free in ``nb`` (0 gives 0).
+inline uint64_t read_bits(const uint8_t* p, int64_t nbytes, int64_t off, int nb) {
     const int64_t b = off >> 3;
     const int sh = static_cast<int>(off & 7);
     uint64_t lo = 0, hi = 0;
@@ -47,29 +33,20 @@ inline uint64_t read_bits64(const uint8_t* p, int64_t nbytes, int64_t off, int n
         for (int k = 0; b + k < nbytes && k < 8; ++k) lo |= static_cast<uint64_t>(p[b + k]) << (8 * k);
         if (b + 8 < nbytes) hi = p[b + 8];
     }
-    uint64_t v = sh ? (lo >> sh) | (hi << (64 - sh)) : lo;
+    const uint64_t v = (lo >> sh) | ((hi << 1) << (63 - sh));
+#ifdef ONEBIT_AVX512
+    return _bzhi_u64(v, static_cast<unsigned>(nb));
+#else
     return nb >= 64 ? v : v & ((uint64_t{1} << nb) - 1);
+#endif
 }
 
-inline uint64_t deposit64(uint64_t bits, uint64_t mask) {
+inline uint64_t deposit(uint64_t bits, uint64_t mask) {
 #ifdef ONEBIT_AVX512
     return _pdep_u64(bits, mask);
 #else
     uint64_t out = 0;
     for (uint64_t m = mask; m; m &= m - 1) {
-        if (bits & 1u) out |= m & (~m + 1u);
-        bits >>= 1;
-    }
-    return out;
-#endif
-}
-
-inline uint32_t deposit(uint32_t bits, uint32_t mask) {
-#ifdef ONEBIT_AVX512
-    return _pdep_u32(bits, mask);
-#else
-    uint32_t out = 0;
-    for (uint32_t m = mask; m; m &= m - 1) {
         if (bits & 1u) out |= m & (~m + 1u);
         bits >>= 1;
     }
@@ -90,8 +67,7 @@ struct Acc {
 #ifdef ONEBIT_AVX512
     __m512 v[NG][TT];
     template <int G>
-    inline void add(uint32_t mask, int64_t c, float coef) {
-        if (!mask) return;
+    inline void add(uint32_t mask, int64_t c, float coef) {  // branch-free: a zero mask is a cheap no-op FMA
         const __m512 cv = _mm512_set1_ps(coef);
 #pragma GCC unroll 16
         for (int u = 0; u < TT; ++u)
@@ -155,7 +131,7 @@ void row_kernel(const Problem& P, int64_t i, int t0) {
             const float mu = static_cast<float>(P.hp[r[kMu] + i]), al = static_cast<float>(P.hp[r[kAl] + i]);
             int64_t q = 0;
             for (; (q + 4) * 16 <= w; q += 4, s1 += 64) {  // 64 weights per 64-bit read
-                const uint64_t b = read_bits64(P.bp, P.nbytes, s1, 64);
+                const uint64_t b = read_bits(P.bp, P.nbytes, s1, 64);
                 const int64_t col = start + q * 16;
                 acc.template add<0>(static_cast<uint32_t>(b & 0xffff), col, 2.f * al);
                 acc.template add<1>(static_cast<uint32_t>(b >> 16 & 0xffff), col + 16, 2.f * al);
@@ -164,7 +140,7 @@ void row_kernel(const Problem& P, int64_t i, int t0) {
             }
             for (; q * 16 < w; ++q, s1 += 16) {
                 const int nb = static_cast<int>(std::min<int64_t>(16, w - q * 16));
-                const uint32_t b1 = read_bits(P.bp, P.nbytes, s1, nb);
+                const auto b1 = static_cast<uint32_t>(read_bits(P.bp, P.nbytes, s1, nb));
                 if (q & 1)
                     acc.template add<1>(b1, start + q * 16, 2.f * al);
                 else
@@ -182,19 +158,16 @@ void row_kernel(const Problem& P, int64_t i, int t0) {
         int64_t s2 = r[kS2] + i * k, sp = r[kSp] + i * (w - k);
         int64_t q = 0;
         for (; (q + 4) * 16 <= w; q += 4, s1 += 64) {  // 64 columns per step: one read per bit plane
-            const uint64_t b1 = read_bits64(P.bp, P.nbytes, s1, 64);
+            const uint64_t b1 = read_bits(P.bp, P.nbytes, s1, 64);
             const uint32_t* cm = P.colmask + P.chunk0[j] + q;
             const uint64_t c = cm[0] | uint64_t{cm[1]} << 16 | uint64_t{cm[2]} << 32 | uint64_t{cm[3]} << 48;
             const uint64_t nc = ~c;
             const int pn = __builtin_popcountll(nc);
-            const uint64_t spm = deposit64(read_bits64(P.bp, P.nbytes, sp, pn), nc);
+            const uint64_t spm = deposit(read_bits(P.bp, P.nbytes, sp, pn), nc);
             sp += pn;
-            uint64_t b2 = 0;
-            if (c) {
-                const int pc = __builtin_popcountll(c);
-                b2 = deposit64(read_bits64(P.bp, P.nbytes, s2, pc), c);
-                s2 += pc;
-            }
+            const int pc = __builtin_popcountll(c);
+            const uint64_t b2 = deposit(read_bits(P.bp, P.nbytes, s2, pc), c);
+            s2 += pc;
             const uint64_t m_b1nc = b1 & nc, m_b1sp = b1 & spm, m_b1c = b1 & c;
 #pragma GCC unroll 4
             for (int h = 0; h < 4; ++h) {
@@ -202,21 +175,21 @@ void row_kernel(const Problem& P, int64_t i, int t0) {
                 const int64_t col = start + (q + h) * 16;
                 acc.template add<0>(static_cast<uint32_t>(m_b1nc >> sh & 0xffff), col, c_b1nc);
                 acc.template add<1>(static_cast<uint32_t>(m_b1sp >> sh & 0xffff), col, c_b1sp);
+                // no test on the salient masks: they are sparse and random, and the mispredicted branches
+                // tripled the kernel's time; an all-zero mask is a cheap no-op FMA
                 acc.template add<2>(static_cast<uint32_t>(spm >> sh & 0xffff), col, c_sp);
-                if (c >> sh & 0xffff) {
-                    acc.template add<3>(static_cast<uint32_t>(m_b1c >> sh & 0xffff), col, c_b1c);
-                    acc.template add<4>(static_cast<uint32_t>(b2 >> sh & 0xffff), col, c_b2);
-                }
+                acc.template add<3>(static_cast<uint32_t>(m_b1c >> sh & 0xffff), col, c_b1c);
+                acc.template add<4>(static_cast<uint32_t>(b2 >> sh & 0xffff), col, c_b2);
             }
         }
         for (; q * 16 < w; ++q, s1 += 16) {
             const int nb = static_cast<int>(std::min<int64_t>(16, w - q * 16));
             const uint32_t live = (1u << nb) - 1u;
-            const uint32_t b1 = read_bits(P.bp, P.nbytes, s1, nb);
+            const auto b1 = static_cast<uint32_t>(read_bits(P.bp, P.nbytes, s1, nb));
             const uint32_t c = P.colmask[P.chunk0[j] + q];
             const uint32_t nc = ~c & live;
             const int pn = __builtin_popcount(nc);
-            const uint32_t spm = deposit(read_bits(P.bp, P.nbytes, sp, pn), nc);
+            const auto spm = static_cast<uint32_t>(deposit(read_bits(P.bp, P.nbytes, sp, pn), nc));
             sp += pn;
             const int64_t col = start + q * 16;
             acc.template add<0>(b1 & nc, col, c_b1nc);
@@ -224,7 +197,7 @@ void row_kernel(const Problem& P, int64_t i, int t0) {
             acc.template add<2>(spm, col, c_sp);
             if (c) {
                 const int pc = __builtin_popcount(c);
-                const uint32_t b2 = deposit(read_bits(P.bp, P.nbytes, s2, pc), c);
+                const auto b2 = static_cast<uint32_t>(deposit(read_bits(P.bp, P.nbytes, s2, pc), c));
                 s2 += pc;
                 acc.template add<3>(b1 & c, col, c_b1c);
                 acc.template add<4>(b2, col, c_b2);
@@ -266,7 +239,7 @@ torch::Tensor packed_gemm(torch::Tensor x, torch::Tensor bits, torch::Tensor fp1
         const int64_t w = r[kWidth];
         for (int64_t q = 0; q * 16 < w; ++q) {
             const int nb = static_cast<int>(std::min<int64_t>(16, w - q * 16));
-            const uint32_t c = layout == 1 ? read_bits(bp, nbytes, r[kCol] + q * 16, nb) : 0u;
+            const auto c = layout == 1 ? static_cast<uint32_t>(read_bits(bp, nbytes, r[kCol] + q * 16, nb)) : 0u;
             colmask[chunk0[j] + q] = c;
             for (int t = 0; t < T; ++t)
                 for (int l = 0; l < nb; ++l) {

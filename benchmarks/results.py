@@ -1,0 +1,89 @@
+"""The README's full-model result tables, each from one command.
+
+Runs `onebit quantize` once per row, strictly one after another (several full-model jobs on a 2-core
+machine starve each other), then prints the comparison (`onebit report`: ppl, zero-shot, paper and storage
+bpw, seconds) and writes it with its plots to RUNS/<set>/. Rows shared by several sets (braq) run once.
+A row whose run directory already holds a report for the same command is reused; a killed row continues
+from its last finished layer (`--resume`), so re-running the command after an interruption loses nothing.
+
+    .venv/bin/python benchmarks/results.py arb        # issue #4: sign, braq, arb, arb-x+CGB, arb-rc+CGB
+    .venv/bin/python benchmarks/results.py hbllm      # issue #5: braq, row/col-hbraq, each ± --share-mean
+    .venv/bin/python benchmarks/results.py dbell      # issue #6: W1A16/A8/A6 for braq, dbell+braq, dbell+BEST
+    .venv/bin/python benchmarks/results.py zeroshot   # issue #8: fp, braq, BEST on the seven tasks
+
+Every row uses the demo setting (16 × 1024 C4 calibration tokens; perplexity on the first 8 windows of
+2048 tokens of WikiText-2 and C4), so rows of different sets are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from onebit.report import write_report
+
+COMMON = ["--calib", "c4", "--nsamples", "16", "--seqlen", "1024", "--eval-seqlen", "2048"]
+PPL = ["--eval", "wikitext2,c4", "--eval-windows", "8"]
+ACT_BITS = (16, 8, 6)
+
+
+def rows(which: str, best: list[str], limit: int) -> list[tuple[str, list[str]]]:
+    """(run name, onebit quantize arguments) of each row of a set; the first row also evaluates fp."""
+    if which == "arb":
+        return [("braq", ["--method", "braq"]), ("sign", ["--method", "sign"]), ("arb", ["--method", "arb"]),
+                ("arb-x+cgb", ["--method", "arb-x", "--cgb"]), ("arb-rc+cgb", ["--method", "arb-rc", "--cgb"])]
+    if which == "hbllm":
+        return [("braq", ["--method", "braq"])] + [
+            (f"{m}{'+share-mean' if sm else ''}", ["--method", m, "--share-mean" if sm else "--no-share-mean"])
+            for m in ("row-hbraq", "col-hbraq") for sm in (False, True)]
+    if which == "dbell":
+        out = []
+        for label, args in (("braq", ["--method", "braq"]), ("dbell+braq", ["--method", "braq", "--transform", "dbell"]),
+                            (f"dbell+{best[1]}", ["--method", *best[1:], "--transform", "dbell"])):
+            out += [(label if a == 16 else f"{label}-a{a}", args + ([] if a == 16 else ["--act-bits", str(a)]))
+                    for a in ACT_BITS]
+        return out
+    if which == "zeroshot":
+        zs = ["--eval", "", "--tasks", "all", "--limit", str(limit)]
+        return [(f"zs-braq-l{limit}", ["--method", "braq", *zs]), (f"zs-{best[1]}-l{limit}", ["--method", *best[1:], *zs])]
+    raise SystemExit(f"unknown set {which!r}: arb, hbllm, dbell, zeroshot")
+
+
+def run(name: str, args: list[str], runs: Path, fp: bool, model: str) -> Path:
+    out = runs / name
+    cmd = [str(Path(sys.executable).parent / "onebit"), "quantize", model, *COMMON,
+           *([] if "--eval" in args else PPL), *args, "--name", name, "--fp-eval" if fp else "--no-fp-eval"]
+    stamp = out / "command.json"
+    if (out / "report.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd[1:]:
+        print(f"[results] {name}: reusing {out}/report.json", flush=True)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(cmd[1:]))
+    (out / "report.json").unlink(missing_ok=True)
+    print(f"[results] {name}: {shlex.join(cmd)} --out {out} --resume", flush=True)
+    subprocess.run([*cmd, "--out", str(out), "--resume"], check=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("set", choices=["arb", "hbllm", "dbell", "zeroshot"])
+    p.add_argument("--best", default="row-hbraq",
+                   help="the best non-braq method for the dbell and zeroshot sets, with its flags, e.g. 'row-hbraq'")
+    p.add_argument("--limit", type=int, default=100, help="zero-shot: first N documents per task")
+    p.add_argument("--runs", type=Path, default=Path("runs/results"))
+    p.add_argument("--model", default="smollm2")
+    a = p.parse_args()
+    best = ["--method", *shlex.split(a.best)]
+    dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in enumerate(rows(a.set, best, a.limit))]
+    md, paths = write_report(dirs, a.runs / a.set)
+    print(md)
+    print("wrote " + ", ".join(str(x) for x in paths))
+
+
+if __name__ == "__main__":
+    main()
