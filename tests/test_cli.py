@@ -87,3 +87,51 @@ def test_config_round_trip():
     assert QuantConfig.from_dict(d) == QuantConfig(method="braq", method_options={"salient_metric": "magnitude", "up_lim": 50}, blocksize=64)
     with pytest.raises(ValueError, match="does not take"):
         QuantConfig(method="sign", method_options={"iters": 3})
+
+
+def test_save_packed_in_memory_streamed_and_after_the_fact_agree(setup):
+    """--save-packed from the in-memory run, from a --stream run (built from the layer checkpoints) and
+    `onebit pack RUN` afterwards: the same packed tensors, and each loads back to the fake-quant logits."""
+    import onebit  # noqa: F401 - registers the quantizer
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir, data, root = setup
+    base = ["quantize", str(model_dir), "--method", "braq", "--calib", "wikitext2", "--nsamples", "4", "--seqlen", "64",
+            "--eval", "", "--no-fp-eval", "--data-dir", str(data), "--device", "cpu"]
+    runs = {}
+    for name, extra in (("mem", ["--save"]), ("stream", ["--stream"])):
+        res = runner.invoke(app, [*base, "--out", str(root / f"p-{name}"), "--save-packed", str(root / f"packed-{name}"), *extra])
+        assert res.exit_code == 0, res.output
+        assert "measured from bytes" in res.output
+        runs[name] = root / f"packed-{name}"
+    res = runner.invoke(app, ["pack", str(root / "p-stream"), "--out", str(root / "packed-after")])
+    assert res.exit_code == 0, res.output
+    runs["after"] = root / "packed-after"
+
+    ref = load_file(runs["mem"] / "model.safetensors")
+    packed_keys = {k for k in ref if ".packed_" in k}
+    assert len(packed_keys) == 2 * 7 * 3
+    ids = torch.randint(0, 60, (2, 20), generator=torch.Generator().manual_seed(1))
+    fake = AutoModelForCausalLM.from_pretrained(root / "p-mem" / "model")
+    with torch.no_grad():
+        want = fake(ids).logits
+    for name, d in runs.items():
+        got = load_file(d / "model.safetensors")
+        assert set(got) == set(ref), name
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), (name, k)
+        with torch.no_grad():
+            logits = AutoModelForCausalLM.from_pretrained(d)(ids).logits
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_pack_refuses_activation_quantized_runs(setup, tmp_path):
+    model_dir, data, _ = setup
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", str(model_dir), "--method", "sign", "--calib", "wikitext2", "--nsamples", "2",
+                              "--seqlen", "32", "--eval", "", "--no-fp-eval", "--act-bits", "8", "--data-dir", str(data),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["pack", str(out), "--out", str(tmp_path / "p")])
+    assert res.exit_code != 0 and "act-bits" in res.output

@@ -190,8 +190,7 @@ def quantize(
         name=name or run_label(qcfg), method=method, model=str(path), config=qcfg.to_dict(), calibration=dict(ccfg.to_dict(), source=source),
         eval=dict(datasets=datasets, seqlen=eval_seqlen, windows=eval_windows), versions=versions(),
     )
-    ckpt = None if out is None else LayerCheckpoint(out / "layers", dict(
-        model=str(path), config=qcfg.to_dict(), calibration=ccfg.to_dict(), onebit=versions()["onebit"]))
+    ckpt = None if out is None else _layer_checkpoint(out, str(path), qcfg.to_dict(), ccfg.to_dict(), versions()["onebit"])
     with progress_bars(enabled=main):
         if fp_eval and datasets and main:
             report["ppl_fp"] = evaluate_ppl(model, tok, datasets, eval_seqlen, qcfg.device, data_dir, eval_windows, "fp")
@@ -199,7 +198,7 @@ def quantize(
             report["zeroshot_fp"] = evaluate_zeroshot(model, tok, zs_tasks, qcfg.device, data_dir, limit, task_data,
                                                       batch_size, "fp")
         before = _plot_snapshot(model, qcfg, out)
-        collector = _pack_collector(model, qcfg, save_packed, stream, resume)
+        collector = _pack_collector(model, qcfg, save_packed, stream)
         res = api.quantize(model, qcfg, samples, on_layer=collector, checkpoint=ckpt, resume=resume, offload_acts=offload_acts)
         if not main:
             return  # the other ranks helped with calibration and solving; rank 0 evaluates and writes
@@ -224,34 +223,54 @@ def quantize(
             save_streamed(model, out / "model") if stream else model.save_pretrained(out / "model")
             tok.save_pretrained(out / "model")
         console.print(f"report: {out / 'report.json'}")
-    if collector is not None:
-        _write_packed(model, tok, save_packed, collector, qcfg, res.bits)
+    if save_packed is not None:
+        _write_packed(model, tok, save_packed, collector.packed if collector else None, qcfg, res.bits, ckpt)
     print_table([report])
 
 
-def _pack_collector(model, qcfg, save_packed: Path | None, stream: bool, resume: bool):
-    """The ``on_layer`` callback that packs each linear for ``--save-packed`` (None when not asked)."""
+def _layer_checkpoint(out: Path, model: str, config: dict[str, Any], calibration: dict[str, Any], onebit: str):
+    """A run's layer checkpoints; the settings are the run's fingerprint (what determines every layer)."""
+    from .engine.checkpoint import LayerCheckpoint
+
+    calibration = {k: v for k, v in calibration.items() if k != "source"}
+    return LayerCheckpoint(out / "layers", dict(model=model, config=config, calibration=calibration, onebit=onebit))
+
+
+def _pack_collector(model, qcfg, save_packed: Path | None, stream: bool):
+    """The ``on_layer`` callback that packs each linear for ``--save-packed`` (None when not asked, or when
+    streaming: then the packed checkpoint is built from the layer checkpoints after the run)."""
     if save_packed is None:
         return None
     from .formats.checkpoint import PackCollector
     from .formats.packed import PackedFormatError, check_packable
     from .models import get_adapter
 
-    if stream or resume:
-        raise typer.BadParameter("--save-packed needs the whole model in memory in one run: drop --stream/--resume")
     if qcfg.act_bits is not None:
         raise typer.BadParameter("--save-packed stores weights only; activation quantization (--act-bits) is not in the format")
     try:
         check_packable(qcfg.method)
     except PackedFormatError as e:
         raise typer.BadParameter(str(e)) from None
-    return PackCollector(get_adapter(model), qcfg.method, qcfg.blocksize)
+    return None if stream else PackCollector(get_adapter(model), qcfg.method, qcfg.blocksize)
 
 
-def _write_packed(model, tok, out_dir: Path, collector, qcfg, bits) -> None:
-    from .formats.checkpoint import measured_bpw, save_packed
+def _write_packed(model, tok, out_dir: Path, packed, qcfg, bits, ckpt=None) -> None:
+    """``packed`` from a collector with ``model`` in memory; else (``model`` streamed) from ``ckpt``'s layers."""
+    from .formats.checkpoint import packed_from_layers, save_packed, save_packed_streamed
 
-    save_packed(model, out_dir, collector.packed, qcfg.method, qcfg.to_dict()["method_options"], qcfg.blocksize, bits, tok)
+    options = qcfg.to_dict()["method_options"]
+    if packed is not None:
+        save_packed(model, out_dir, packed, qcfg.method, options, qcfg.blocksize, bits, tok)
+    else:
+        n = len(model.adapter.decoder_layers(model.model))
+        packed = packed_from_layers(ckpt, model.adapter.layers, n, qcfg.method, qcfg.blocksize)
+        save_packed_streamed(model, out_dir, packed, qcfg.method, options, qcfg.blocksize, bits, tok)
+    _print_packed(out_dir, bits)
+
+
+def _print_packed(out_dir: Path, bits) -> None:
+    from .formats.checkpoint import measured_bpw
+
     m = measured_bpw(out_dir)
     console.print(
         f"packed checkpoint: {out_dir}  storage bpw: report {bits.storage_bpw:.4f}, measured from bytes "
@@ -381,33 +400,56 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="directories written 
 
 @app.command()
 def pack(
-    run_dir: Path = typer.Argument(..., help="an `onebit quantize --out RUN --save` directory (report.json + model/)"),
+    run_dir: Path = typer.Argument(..., help="an `onebit quantize --out RUN` directory (report.json + layers/ or model/)"),
     out: Path = typer.Option(..., help="where to write the packed checkpoint"),
 ) -> None:
-    """Pack a fake-quantized model after the fact (only methods whose stored form Ŵ determines: sign)."""
-    from .formats.checkpoint import measured_bpw, save_packed
+    """Pack a finished run after the fact: from its layer checkpoints (any packable method; never loads the
+    whole model), or else by re-deriving the stored form from `--save` fake-quant weights (sign only)."""
+    from .config import QuantConfig
+    from .engine.store import StreamedModel
     from .formats.packed import PackedFormatError
-    from .formats.repack import repack_linear
-    from .models import get_adapter
+    from .methods.base import Bits
     from .models.loading import load_model
     from .report import load_report
 
     report = load_report(run_dir)
+    cfg = report["config"]
+    if cfg.get("act_bits") is not None:
+        raise typer.BadParameter("this run quantized activations (--act-bits); the packed format stores weights only")
+    # a transform (DBellQuant) changed the norms: only the run's saved model has them
+    source = run_dir / "model" if (run_dir / "model").exists() else Path(report["model"])
+    if cfg.get("transform", "none") != "none" and source != run_dir / "model":
+        raise typer.BadParameter(f"{run_dir}: a --transform run needs its --save model/ (the folded norms) to pack")
+    tok = load_model(str(source), stream=True)[1]
+    try:
+        if (run_dir / "layers").exists():
+            ckpt = _layer_checkpoint(run_dir, report["model"], cfg, report["calibration"], report["versions"]["onebit"])
+            _write_packed(StreamedModel(source), tok, out, None, QuantConfig.from_dict(cfg), Bits.from_dict(report["bits"]), ckpt)
+        else:
+            _repack_saved(run_dir, out, report)
+    except PackedFormatError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _repack_saved(run_dir: Path, out: Path, report: dict[str, Any]) -> None:
+    """Re-derive each linear's stored form from fake-quant weights (methods whose Ŵ determines it: sign)."""
+    from .formats.checkpoint import save_packed
+    from .formats.repack import repack_linear
+    from .methods.base import Bits
+    from .models import get_adapter
+    from .models.loading import load_model
+
     method, block_size = report["method"], report["config"]["blocksize"]
     model, tok, _ = load_model(str(run_dir / "model"))
     adapter = get_adapter(model)
     packed = {}
-    try:
-        for i, layer in enumerate(adapter.decoder_layers(model)):
-            for name, lin in adapter.linears(layer).items():
-                full = f"{adapter.layers}.{i}.{name}"
-                packed[full] = repack_linear(method, lin.weight, block_size, full)
-    except PackedFormatError as e:
-        raise typer.BadParameter(str(e)) from None
-    save_packed(model, out, packed, method, report["config"]["method_options"], block_size, tokenizer=tok)
-    m = measured_bpw(out)
-    console.print(f"packed checkpoint: {out}  storage bpw measured {m['storage_bpw_measured']:.4f} "
-                  f"(report {report.get('storage_bpw', float('nan')):.4f}), paper bpw {report.get('paper_bpw', float('nan')):.4f}")
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for name, lin in adapter.linears(layer).items():
+            full = f"{adapter.layers}.{i}.{name}"
+            packed[full] = repack_linear(method, lin.weight, block_size, full)
+    bits = Bits.from_dict(report["bits"])
+    save_packed(model, out, packed, method, report["config"]["method_options"], block_size, bits, tok)
+    _print_packed(out, bits)
 
 
 @app.command("export-gguf")

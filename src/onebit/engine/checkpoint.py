@@ -46,7 +46,10 @@ class LayerCheckpoint:
             for j, params in enumerate(bl):
                 for key, t in params.items():
                     tensors[f"{name}.blocks.{j}.{key}"] = t.detach().cpu().contiguous()
-        meta = {"format": FORMAT, "fingerprint": self.fp, "layer": str(idx), "record": json.dumps(record)}
+        # safetensors sorts keys: keep each linear's parameter order (it is the packed format's layout)
+        order = {name: list(bl[0]) for name, bl in blocks.items() if bl}
+        meta = {"format": FORMAT, "fingerprint": self.fp, "layer": str(idx), "record": json.dumps(record),
+                "param_order": json.dumps(order)}
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path(idx).with_suffix(f".tmp{os.getpid()}")
         save_file(tensors, tmp, metadata=meta)
@@ -54,8 +57,9 @@ class LayerCheckpoint:
             os.fsync(f.fileno())
         os.replace(tmp, self.path(idx))
 
-    def load(self, idx: int) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-        """(quantized weights by linear name, report slice) if layer ``idx`` has a valid file, else None."""
+    def load(self, idx: int, weights: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """(quantized weights by linear name, report slice) if layer ``idx`` has a valid file, else None.
+        ``weights=False`` checks the file and reads the report slice only (weights: empty dict)."""
         path = self.path(idx)
         if not path.exists():
             return None
@@ -67,12 +71,13 @@ class LayerCheckpoint:
                 if meta.get("format") != FORMAT or meta.get("fingerprint") != self.fp or meta.get("layer") != str(idx):
                     log.warning("%s was written by a different run configuration: recomputing layer %d", path, idx)
                     return None
-                weights = {k[: -len(".weight")]: f.get_tensor(k) for k in f.keys() if k.endswith(".weight") and ".blocks." not in k}
+                keys = [k for k in f.keys() if k.endswith(".weight") and ".blocks." not in k] if weights else []
+                tensors = {k[: -len(".weight")]: f.get_tensor(k) for k in keys}
                 record = json.loads(meta["record"])
         except Exception as e:  # truncated or corrupt: never reuse
             log.warning("%s is unreadable (%s): recomputing layer %d", path, e, idx)
             return None
-        return weights, record
+        return tensors, record
 
     def blocks(self, idx: int, name: str) -> list[dict[str, Tensor]]:
         """The stored block parameters of one linear (for packers)."""
@@ -81,11 +86,13 @@ class LayerCheckpoint:
         out: dict[int, dict[str, Tensor]] = {}
         prefix = f"{name}.blocks."
         with safe_open(self.path(idx), framework="pt") as f:
+            order = json.loads((f.metadata() or {}).get("param_order", "{}")).get(name)
             for k in f.keys():
                 if k.startswith(prefix):
                     j, key = k[len(prefix) :].split(".", 1)
                     out.setdefault(int(j), {})[key] = f.get_tensor(k)
-        return [out[j] for j in sorted(out)]
+        blocks = [out[j] for j in sorted(out)]
+        return blocks if order is None else [{key: b[key] for key in order} for b in blocks]
 
     def weights(self, idx: int) -> dict[str, Tensor] | None:
         """Overrides for a streamed model: relative parameter names → quantized weights."""

@@ -40,7 +40,7 @@ class LinearRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LinearRecord":
-        bits = Bits(**{k: d["bits"][k] for k in ("sign", "bitmap", "params", "weights")})
+        bits = Bits.from_dict(d["bits"])
         return cls(d["layer"], d["name"], tuple(d["shape"]), bits, d["loss"], d["rel_err"], d["percdamp"], d["seconds"], d["stats"])
 
     def to_dict(self) -> dict[str, Any]:

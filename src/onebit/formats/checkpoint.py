@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.checkpoint import LayerCheckpoint
 from ..engine.pipeline import LayerRecord
+from ..engine.store import StreamedModel
 from ..engine.solver import LinearResult
 from ..methods.base import Bits
 from ..models.base import ArchAdapter
@@ -32,6 +34,47 @@ class PackCollector:
             self.packed[f"{self.adapter.layers}.{idx}.{name}"] = PackedLinear.from_blocks(
                 self.method, res.blocks, tuple(res.q.shape), self.block_size
             )
+
+
+def packed_from_layers(ckpt: LayerCheckpoint, prefix: str, num_layers: int, method: str, block_size: int) -> dict[str, PackedLinear]:
+    """Every linear's packed form, from a run's layer checkpoints (their stored block parameters)."""
+    check_packable(method)
+    out: dict[str, PackedLinear] = {}
+    for idx in range(num_layers):
+        got = ckpt.load(idx, weights=False)
+        if got is None:
+            raise PackedFormatError(f"{ckpt.path(idx)}: missing, unreadable or from another run: cannot pack layer {idx}")
+        for lin in got[1]["linears"]:
+            out[f"{prefix}.{idx}.{lin['name']}"] = PackedLinear.from_blocks(
+                method, ckpt.blocks(idx, lin["name"]), tuple(lin["shape"]), block_size)
+    return out
+
+
+def save_packed_streamed(
+    model: StreamedModel, out_dir: str | Path, packed: dict[str, PackedLinear], method: str,
+    method_options: dict[str, Any], block_size: int, bits: Bits | None = None, tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Write a packed checkpoint without materializing the model: the packed tensors plus every other tensor
+    read from the original files (embeddings, norms, head, biases). Peak memory ≈ the packed model."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = None if bits is None else dict(storage_bpw=bits.storage_bpw, paper_bpw=bits.paper_bpw)
+    qc = quantization_config(method, method_options, block_size, packed, bits_report=report)
+    quantized = {f"{name}.weight" for name in packed}
+    head = f"{model.adapter.lm_head}.weight"
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    keep = [n for n, _ in model.model.named_parameters() if n not in quantized and not (tied and n == head)]
+    tensors = {k: v.contiguous() for k, v in model._read(keep).items()}
+    for name, p in packed.items():
+        tensors.update(p.tensors(name))
+    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    model.config.quantization_config = qc
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return qc
 
 
 def replace_linears(model: nn.Module, packed: dict[str, PackedLinear]) -> None:

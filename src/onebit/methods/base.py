@@ -39,6 +39,10 @@ class Bits:
     params: int = 0
     weights: int = 0
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Bits":
+        return cls(**{k: int(d[k]) for k in ("sign", "bitmap", "params", "weights")})
+
     @property
     def storage(self) -> int:
         return self.sign + self.bitmap + self.params
