@@ -31,8 +31,9 @@ PPL = ["--eval", "wikitext2,c4", "--eval-windows", "8"]
 ACT_BITS = (16, 8, 6)
 
 
-def rows(which: str, best: list[str], limit: int) -> list[tuple[str, list[str]]]:
-    """(run name, onebit quantize arguments) of each row of a set; the first row also evaluates fp."""
+def rows(which: str, best: tuple[str, list[str]], limit: int) -> list[tuple[str, list[str]]]:
+    """(run name, onebit quantize arguments) of each row of a set; the first row also evaluates fp.
+    ``best``: (name, arguments) of the best weight-only method, for the dbell and zeroshot sets."""
     if which == "arb":
         return [("braq", ["--method", "braq"]), ("sign", ["--method", "sign"]), ("arb", ["--method", "arb"]),
                 ("arb-x+cgb", ["--method", "arb-x", "--cgb"]), ("arb-rc+cgb", ["--method", "arb-rc", "--cgb"])]
@@ -43,14 +44,29 @@ def rows(which: str, best: list[str], limit: int) -> list[tuple[str, list[str]]]
     if which == "dbell":
         out = []
         for label, args in (("braq", ["--method", "braq"]), ("dbell+braq", ["--method", "braq", "--transform", "dbell"]),
-                            (f"dbell+{best[1]}", ["--method", *best[1:], "--transform", "dbell"])):
+                            (f"dbell+{best[0]}", [*best[1], "--transform", "dbell"])):
             out += [(label if a == 16 else f"{label}-a{a}", args + ([] if a == 16 else ["--act-bits", str(a)]))
                     for a in ACT_BITS]
         return out
     if which == "zeroshot":
         zs = ["--eval", "", "--tasks", "all", "--limit", str(limit)]
-        return [(f"zs-braq-l{limit}", ["--method", "braq", *zs]), (f"zs-{best[1]}-l{limit}", ["--method", *best[1:], *zs])]
+        return [(f"zs-braq-l{limit}", ["--method", "braq", *zs]), (f"zs-{best[0]}-l{limit}", [*best[1], *zs])]
     raise SystemExit(f"unknown set {which!r}: arb, hbllm, dbell, zeroshot")
+
+
+def best_method(runs: Path) -> tuple[str, list[str]]:
+    """The arb/hbllm row (other than braq and sign) with the lowest WikiText-2 perplexity measured so far."""
+    rows_ = dict(rows("arb", ("", []), 0) + rows("hbllm", ("", []), 0))
+    scores = {}
+    for name in rows_.keys() - {"braq", "sign"}:
+        rep = runs / name / "report.json"
+        if rep.exists():
+            scores[name] = json.loads(rep.read_text())["ppl"]["wikitext2"]
+    if not scores:
+        raise SystemExit("no arb/hbllm results yet to pick the best method from: run those sets first, or pass --best")
+    name = min(scores, key=scores.get)
+    print(f"[results] best weight-only method so far: {name} (wikitext2 ppl {scores[name]:.2f})", flush=True)
+    return name, rows_[name]
 
 
 def run(name: str, args: list[str], runs: Path, fp: bool, model: str) -> Path:
@@ -72,13 +88,17 @@ def run(name: str, args: list[str], runs: Path, fp: bool, model: str) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("set", choices=["arb", "hbllm", "dbell", "zeroshot"])
-    p.add_argument("--best", default="row-hbraq",
-                   help="the best non-braq method for the dbell and zeroshot sets, with its flags, e.g. 'row-hbraq'")
+    p.add_argument("--best", default="auto",
+                   help="for the dbell and zeroshot sets: a method with its flags, e.g. 'row-hbraq --share-mean', or "
+                        "'auto' = the arb/hbllm row with the lowest WikiText-2 perplexity")
     p.add_argument("--limit", type=int, default=100, help="zero-shot: first N documents per task")
     p.add_argument("--runs", type=Path, default=Path("runs/results"))
     p.add_argument("--model", default="smollm2")
     a = p.parse_args()
-    best = ["--method", *shlex.split(a.best)]
+    best: tuple[str, list[str]] = ("", [])
+    if a.set in ("dbell", "zeroshot"):
+        flags = shlex.split(a.best)
+        best = best_method(a.runs) if a.best == "auto" else ("-".join(flags), ["--method", *flags])
     dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in enumerate(rows(a.set, best, a.limit))]
     md, paths = write_report(dirs, a.runs / a.set)
     print(md)

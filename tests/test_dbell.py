@@ -193,3 +193,22 @@ def test_quantize_with_dbell_and_act_bits_keeps_hooks():
     assert QuantConfig(act_bits=16).act_bits is None
     raw = QuantConfig(act_bits=8, hessian_from_quantized_acts=False).engine_options()
     assert raw.hessian_raw_inputs and not QuantConfig(act_bits=8).engine_options().hessian_raw_inputs
+
+
+def test_resume_with_dbell_replays_the_same_model(tmp_path):
+    """A --resume of a dbell + act-quant run (layer 0 from its file, layer 1 recomputed) ends with the same
+    weights, norms and logits as the uninterrupted run: the pre-pass is recomputed identically."""
+    from onebit.engine.checkpoint import LayerCheckpoint
+
+    ids = random_ids(2, 16)
+    cfg = QuantConfig(transform="dbell", act_bits=8, ltdb_epochs=5)
+    full = tiny_model("llama", layers=2)
+    quantize(full, cfg, ids, checkpoint=LayerCheckpoint(tmp_path / "a", {"run": 1}))
+    ck = LayerCheckpoint(tmp_path / "a", {"run": 1})
+    ck.path(1).unlink()  # as if killed after layer 0
+    resumed = tiny_model("llama", layers=2)
+    quantize(resumed, cfg, ids, checkpoint=ck, resume=True)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids).logits, resumed(ids).logits, atol=0, rtol=0)
