@@ -1,6 +1,7 @@
 """Packed 1-bit GEMV/GEMM vs dense fp32 ``torch.matmul`` on the CPU, and end-to-end decoding.
 
     python benchmarks/packed_matmul.py kernels                 # 4096×4096 and 4096×11008, batch 1 and 16
+                                                               # (+ Triton vs fp16 when CUDA is present)
     python benchmarks/packed_matmul.py e2e PACKED_DIR FP_DIR   # tokens/s and resident memory, packed vs fp
 
 Kernel timings use synthetic packed weights (random bits, 8 % salient columns for braq): the kernel's work
@@ -80,6 +81,33 @@ def kernels(reps: int) -> list[dict]:
     return rows
 
 
+def gpu_kernels(reps: int) -> list[dict]:
+    """Triton packed GEMV vs dense fp16 ``torch.matmul`` on CUDA (run when a GPU is present)."""
+    from onebit.formats.packed import PackedLinear
+    from onebit.nn import OnebitLinear
+
+    def timed(f):
+        def run():
+            f()
+            torch.cuda.synchronize()
+        return run
+
+    rows = []
+    for n, m in ((4096, 4096), (4096, 11008)):
+        w = torch.randn(n, m, device="cuda", dtype=torch.float16)
+        for method in ("sign", "braq"):
+            mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, synth_blocks(method, n, m), (n, m), 128)).cuda()
+            for batch in (1, 16):
+                x = torch.randn(batch, m, device="cuda")
+                torch.testing.assert_close(mod(x), mod.reference_forward(x), atol=1e-3, rtol=1e-3)
+                xh = x.half()
+                td, tp = paired_median(timed(lambda: torch.matmul(xh, w.T)), timed(lambda: mod(x)), reps)
+                rows.append(dict(device=torch.cuda.get_device_name(), shape=f"{n}×{m}", method=method, batch=batch,
+                                 fp16_ms=td * 1e3, packed_ms=tp * 1e3, speedup=td / tp))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -149,6 +177,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     if a.what == "kernels":
         print(markdown(kernels(a.reps)))
+        if torch.cuda.is_available():
+            print(markdown(gpu_kernels(a.reps)))
     elif a.what == "e2e":
         print(markdown(e2e(a.dirs, a.new_tokens, a.reps)))
     else:

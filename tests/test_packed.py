@@ -119,6 +119,43 @@ def test_portable_kernel_matches(method):
         torch.testing.assert_close(y, F.linear(x, res.q), atol=1e-4, rtol=1e-4)
 
 
+TRITON_CHECK = r"""
+import sys, torch
+from torch.nn import functional as F
+from onebit.engine.solver import quantize_linear
+from onebit.formats.packed import PackedLinear
+from onebit.methods import build_method
+from onebit.nn import OnebitLinear
+from onebit.nn.triton_gemv import column_ranks, packed_gemm_triton
+
+method = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+for n, m, block, tokens in ((19, 333, 128, 1), (40, 200, 64, 3)):
+    w, xs = torch.randn(n, m, generator=g), torch.randn(4 * m, m, generator=g)
+    res = quantize_linear(w, xs.T @ xs / xs.shape[0], build_method(method), block)
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), block))
+    x = torch.randn(tokens, m, generator=g)
+    ranks = column_ranks(mod._table, mod.packed_bits, m)
+    y = packed_gemm_triton(x, mod.packed_bits, mod.packed_fp16, mod._table, ranks, n, mod._layout_id, block, 16)
+    torch.testing.assert_close(y, F.linear(x, res.q), atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("method", sorted(kernels.KERNEL_LAYOUTS))
+def test_triton_kernel_matches(method):
+    """The CUDA kernel's code, run by Triton's interpreter on CPU tensors (a fresh process: the interpreter
+    must be chosen before triton is first imported), against the dense product."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", TRITON_CHECK, method], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 # ---- checkpoints ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packed_dir(tmp_path_factory):

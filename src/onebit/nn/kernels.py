@@ -1,5 +1,5 @@
 """The packed GEMV kernels: a C++ extension (``packed_gemv.cpp``, built with gcc on first use) for the
-``sign`` and ``braq`` layouts, and the block tables it reads.
+``sign`` and ``braq`` layouts, and the block tables it (and the Triton kernel, ``triton_gemv.py``) reads.
 
 The extension reads the checkpoint's own streams (no repacking, so resident memory = storage bytes). Other
 methods, and machines where the build fails, use the pure-PyTorch reference path in ``linear.py``.
@@ -37,6 +37,14 @@ def extension() -> ModuleType | None:
     except Exception as e:  # noqa: BLE001 - any build failure means: use the reference path
         log.warning("onebit packed-GEMV extension unavailable (%s); using the PyTorch reference path", e)
         return None
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Triton importable (the CUDA packed kernel, ``triton_gemv.py``); else CUDA runs the dense path."""
+    import importlib.util
+
+    return not os.environ.get("ONEBIT_NO_EXT") and importlib.util.find_spec("triton") is not None
 
 
 def build(portable: bool = False) -> ModuleType:

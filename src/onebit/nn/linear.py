@@ -1,8 +1,9 @@
 """``OnebitLinear``: a linear layer that keeps its weight in the packed storage form.
 
 Forward paths, chosen per call:
-* packed kernel (C++, ``kernels.py``) for ``sign``/``braq`` layouts and at most ``kernel_max_tokens``
-  tokens (decoding): y = Ŵx straight from the bit and fp16 streams, no dense weight built;
+* packed kernel (C++ on the CPU, ``kernels.py``; Triton on CUDA, ``triton_gemv.py``) for ``sign``/``braq``
+  layouts and at most ``kernel_max_tokens`` tokens (decoding): y = Ŵx straight from the bit and fp16
+  streams, no dense weight built;
 * dense: Ŵ decoded with the method's own ``decode_block`` (``PackedLinear.dequantize``) then ``F.linear``
   — the pure-PyTorch reference, used for prefill, other methods, and when the extension is missing.
   With ``dense_cache`` on, the decoded Ŵ is kept (fast batch prefill, fp32 memory).
@@ -43,6 +44,7 @@ class OnebitLinear(nn.Module):
         self._dense: Tensor | None = None
         self._table: Tensor | None = None
         self._layout_id: int | None = None
+        self._gpu_tables: tuple[Tensor, Tensor] | None = None  # Triton: (block table, column ranks) on the device
 
     @classmethod
     def from_packed(cls, packed: PackedLinear, bias: Tensor | None = None) -> "OnebitLinear":
@@ -65,6 +67,7 @@ class OnebitLinear(nn.Module):
         """After (re)loading the buffers: normalise dtypes and build the kernel's block table."""
         self.packed_fp16 = self.packed_fp16.to(torch.float16)
         self._dense = None
+        self._gpu_tables = None
         self._layout_id = kernels.kernel_layout(self.method, self.layout)
         if self._layout_id is not None:
             self._table = kernels.block_table(self.packed_index.cpu(), self.layout, self.block_size, self.in_features)
@@ -79,21 +82,34 @@ class OnebitLinear(nn.Module):
         return w
 
     def kernel_ok(self, tokens: int, x: Tensor) -> bool:
-        return (
-            self.use_kernel and self._layout_id is not None and tokens <= self.kernel_max_tokens and x.device.type == "cpu"
-            and self._dense is None and kernels.extension() is not None
-        )
+        if not (self.use_kernel and self._layout_id is not None and tokens <= self.kernel_max_tokens and self._dense is None):
+            return False
+        if x.device.type == "cuda":
+            return kernels.triton_available()
+        return x.device.type == "cpu" and kernels.extension() is not None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.kernel_ok(x2.shape[0], x2):
-            y = kernels.packed_gemm(x2.float(), self.packed_bits, self.packed_fp16, self._table, self.out_features,
-                                    self._layout_id).to(x.dtype)
+            y = self._triton(x2) if x2.is_cuda else kernels.packed_gemm(
+                x2.float(), self.packed_bits, self.packed_fp16, self._table, self.out_features, self._layout_id)
+            y = y.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*shape[:-1], self.out_features)
         return self.reference_forward(x)
+
+    def _triton(self, x: Tensor) -> Tensor:
+        from .triton_gemv import column_ranks, packed_gemm_triton
+
+        dev = self.packed_bits.device
+        if self._gpu_tables is None or self._gpu_tables[0].device != dev:
+            ranks = column_ranks(self._table, self.packed_bits, self.in_features)
+            self._gpu_tables = (self._table.to(dev), ranks.to(dev))
+        table, ranks = self._gpu_tables
+        return packed_gemm_triton(x, self.packed_bits, self.packed_fp16, table, ranks, self.out_features,
+                                  self._layout_id, self.block_size)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """Pure PyTorch: decode Ŵ with the method's ``decode_block`` and multiply (the tests' reference)."""
