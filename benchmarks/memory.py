@@ -29,8 +29,14 @@ path, stream, method, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.ar
 t0 = time.perf_counter()
 model = StreamedModel(path) if stream else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 ids = torch.randint(0, 1000, (4, 512), generator=torch.Generator().manual_seed(0))
-quantize(model, QuantConfig(method=method), ids, checkpoint=LayerCheckpoint(out, {}))
-print(json.dumps(dict(wall=time.perf_counter() - t0, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+trace = []
+def on_layer(*_):  # resident now and peak so far, after each layer
+    with open("/proc/self/statm") as f:
+        now = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    trace.append((round(now), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+quantize(model, QuantConfig(method=method), ids, checkpoint=LayerCheckpoint(out, {}), on_layer=on_layer)
+print(json.dumps(dict(wall=time.perf_counter() - t0, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      trace=trace)))
 """
 
 
@@ -123,6 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="sign")
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--layers", default="1,3", help="7B-shaped depths to measure, comma-separated")
     ap.add_argument("--plan-only", action="store_true", help="only measure braq's solve rate and print the plan")
     a = ap.parse_args()
     if a.plan_only:
@@ -140,14 +147,15 @@ def main() -> None:
     rows.append(("SmolLM2-135M (30 layers, fp32)", "streamed", streamed))
     if not a.skip_7b:
         with tempfile.TemporaryDirectory() as tmp:
-            for layers in (1, 3):
+            for layers in map(int, a.layers.split(",")):
                 p = Path(tmp) / f"l{layers}"
                 size = write_7b_shaped(p, layers)
                 rows.append((f"7B-shaped, {layers} layers ({size:.0f} MiB fp16 on disk)", "streamed", measure(str(p), True, a.method)))
     print(f"method {a.method}, calibration 4 × 512 tokens, CPU\n")
-    print("| model | mode | peak RSS (MiB) | wall (s) |\n|---|---|---|---|")
+    print("| model | mode | peak RSS (MiB) | wall (s) | after each layer: RSS / peak so far (MiB) |\n|---|---|---|---|---|")
     for model, mode, r in rows:
-        print(f"| {model} | {mode} | {r['rss_mb']:.0f} | {r['wall']:.1f} |")
+        trace = " ".join(f"{now}/{peak}" for now, peak in r["trace"][:8]) + (" …" if len(r["trace"]) > 8 else "")
+        print(f"| {model} | {mode} | {r['rss_mb']:.0f} | {r['wall']:.1f} | {trace} |")
     print(f"\nstreamed / fully loaded peak RSS on SmolLM2: {streamed['rss_mb'] / full['rss_mb']:.2f}")
 
 
