@@ -9,7 +9,7 @@ RUNS   ?= runs
 # perplexity on the first 8 windows of 2048 tokens. The full paper protocol: see README.
 DEMO_ARGS ?= --calib c4 --nsamples 16 --seqlen 1024 --eval wikitext2,c4 --eval-seqlen 2048 --eval-windows 8
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quantize_speed.py
+
+# README result tables: make results SET=arb|hbllm|dbell|zeroshot (benchmarks/results.py)
+results: $(STAMP)
+	$(BIN)/python benchmarks/results.py $(SET)
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache
