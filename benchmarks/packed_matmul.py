@@ -123,9 +123,11 @@ def e2e_one(model_dir: str, new_tokens: int, reps: int) -> dict:
     base = rss_mib()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     loaded = rss_mib()
-    lin_bytes = weights = 0
+    lin_bytes = weights = kernel = packed = 0
     for mod in model.modules():
         if isinstance(mod, OnebitLinear):
+            packed += 1
+            kernel += mod.kernel_ok(1, torch.zeros(1, mod.in_features))
             lin_bytes += sum(b.numel() * b.element_size() for b in (mod.packed_bits, mod.packed_fp16, mod.packed_index))
             weights += mod.in_features * mod.out_features
         elif isinstance(mod, torch.nn.Linear) and mod.weight is not model.get_input_embeddings().weight:
@@ -142,7 +144,7 @@ def e2e_one(model_dir: str, new_tokens: int, reps: int) -> dict:
     assert out.shape[1] == 8 + new_tokens
     return dict(model=model_dir, tokens_per_s=new_tokens / statistics.median(times), rss_MiB=loaded,
                 rss_model_MiB=loaded - base, decoder_linear_MiB=lin_bytes / 2**20, decoder_linear_weights=weights,
-                decoder_linear_bpw=lin_bytes * 8 / max(weights, 1))
+                decoder_linear_bpw=lin_bytes * 8 / max(weights, 1), packed_linears_on_kernel=f"{kernel}/{packed}")
 
 
 def e2e(dirs: list[str], new_tokens: int, reps: int) -> list[dict]:

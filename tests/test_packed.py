@@ -119,6 +119,20 @@ def test_portable_kernel_matches(method):
         torch.testing.assert_close(y, F.linear(x, res.q), atol=1e-4, rtol=1e-4)
 
 
+def test_kernel_reads_any_parameter_order():
+    """Checkpoints whose blocks list the parameters in another order (e.g. sorted by name) still use the
+    kernel, which finds every stream by name, and give the same product."""
+    if kernels.extension() is None:
+        pytest.skip("C++ extension could not be built here")
+    res = quantized("braq", 21, 200, 64)
+    shuffled = [dict(sorted(b.items())) for b in res.blocks]
+    assert list(shuffled[0]) != list(res.blocks[0])
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks("braq", shuffled, (21, 200), 64))
+    x = torch.randn(2, 200)
+    assert mod.kernel_ok(2, x)
+    torch.testing.assert_close(mod(x), F.linear(x, res.q), atol=1e-4, rtol=1e-4)
+
+
 TRITON_CHECK = r"""
 import sys, torch
 from torch.nn import functional as F

@@ -59,9 +59,11 @@ def build(portable: bool = False) -> ModuleType:
 
 
 def kernel_layout(method: str, layout: list[list[str]]) -> int | None:
-    """The kernel layout id for a method's parameter layout, or None (reference path)."""
+    """The kernel layout id for a method's parameter layout (its parameters in any order), or None (reference path)."""
     entry = KERNEL_LAYOUTS.get(method)
-    return entry[0] if entry is not None and entry[1] == [list(x) for x in layout] else None
+    # any parameter order: ``block_table`` locates every parameter by name
+    same = entry is not None and sorted(map(tuple, entry[1])) == sorted(map(tuple, layout))
+    return entry[0] if same else None
 
 
 def block_table(index: Tensor, layout: list[list[str]], block_size: int, in_features: int) -> Tensor:
