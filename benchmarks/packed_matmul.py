@@ -142,8 +142,10 @@ def e2e_one(model_dir: str, new_tokens: int, reps: int) -> dict:
             out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             times.append(time.perf_counter() - t)
     assert out.shape[1] == 8 + new_tokens
-    return dict(model=model_dir, tokens_per_s=new_tokens / statistics.median(times), rss_MiB=loaded,
-                rss_model_MiB=loaded - base, decoder_linear_MiB=lin_bytes / 2**20, decoder_linear_weights=weights,
+    # after decoding: memory-mapped fp weights are resident only once touched, so RSS right after loading
+    # undercounts them
+    return dict(model=model_dir, tokens_per_s=new_tokens / statistics.median(times), rss_loaded_MiB=loaded,
+                rss_after_decode_MiB=rss_mib(), rss_model_MiB=rss_mib() - base, decoder_linear_MiB=lin_bytes / 2**20, decoder_linear_weights=weights,
                 decoder_linear_bpw=lin_bytes * 8 / max(weights, 1), packed_linears_on_kernel=f"{kernel}/{packed}")
 
 
