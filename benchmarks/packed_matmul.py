@@ -144,8 +144,10 @@ def e2e_one(model_dir: str, new_tokens: int, reps: int) -> dict:
     assert out.shape[1] == 8 + new_tokens
     # after decoding: memory-mapped fp weights are resident only once touched, so RSS right after loading
     # undercounts them
+    decoded = rss_mib()
     return dict(model=model_dir, tokens_per_s=new_tokens / statistics.median(times), rss_loaded_MiB=loaded,
-                rss_after_decode_MiB=rss_mib(), rss_model_MiB=rss_mib() - base, decoder_linear_MiB=lin_bytes / 2**20, decoder_linear_weights=weights,
+                rss_after_decode_MiB=decoded, rss_model_MiB=decoded - base, decoder_linear_MiB=lin_bytes / 2**20,
+                decoder_linear_weights=weights,
                 decoder_linear_bpw=lin_bytes * 8 / max(weights, 1), packed_linears_on_kernel=f"{kernel}/{packed}")
 
 

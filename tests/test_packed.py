@@ -223,14 +223,18 @@ def _load(d: Path):
     return AutoModelForCausalLM.from_pretrained(d)
 
 
+def _assert_refused(d: Path, match: str) -> None:
+    """Both readers (``load_packed`` and transformers' loader) refuse ``d`` with a message matching ``match``."""
+    for read in (load_packed, _load):
+        with pytest.raises(PackedFormatError, match=match):
+            read(d)
+
+
 def test_truncated_checkpoint_is_refused(packed_dir, tmp_path):
     d = _copy(packed_dir[0], tmp_path / "t")
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(PackedFormatError, match="truncated"):
-        load_packed(d)
-    with pytest.raises(PackedFormatError, match="truncated"):
-        _load(d)
+    _assert_refused(d, "truncated")
 
 
 def test_corrupted_checkpoint_is_refused(packed_dir, tmp_path):
@@ -245,10 +249,7 @@ def test_corrupted_checkpoint_is_refused(packed_dir, tmp_path):
     pos = raw.find(target)
     raw[pos + 3] ^= 0x10  # one flipped bit in a sign plane
     f.write_bytes(bytes(raw))
-    with pytest.raises(PackedFormatError, match="CRC32"):
-        load_packed(d)
-    with pytest.raises(PackedFormatError, match="CRC32"):
-        _load(d)
+    _assert_refused(d, "CRC32")
 
 
 def test_wrong_version_is_refused(packed_dir, tmp_path):
@@ -256,10 +257,7 @@ def test_wrong_version_is_refused(packed_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"]["format_version"] = 99
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(PackedFormatError, match="format version 99"):
-        load_packed(d)
-    with pytest.raises(PackedFormatError, match="format version 99"):
-        _load(d)
+    _assert_refused(d, "format version 99")
 
 
 def test_shape_mismatch_is_refused(packed_dir, tmp_path):

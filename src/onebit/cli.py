@@ -420,9 +420,9 @@ def pack(
     source = run_dir / "model" if (run_dir / "model").exists() else Path(report["model"])
     if cfg.get("transform", "none") != "none" and source != run_dir / "model":
         raise typer.BadParameter(f"{run_dir}: a --transform run needs its --save model/ (the folded norms) to pack")
-    tok = load_model(str(source), stream=True)[1]
     try:
         if (run_dir / "layers").exists():
+            tok = load_model(str(source), stream=True)[1]
             ckpt = _layer_checkpoint(run_dir, report["model"], cfg, report["calibration"], report["versions"]["onebit"])
             _write_packed(StreamedModel(source), tok, out, None, QuantConfig.from_dict(cfg), Bits.from_dict(report["bits"]), ckpt)
         else:

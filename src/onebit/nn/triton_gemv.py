@@ -77,9 +77,10 @@ def column_ranks(table: Tensor, bits: Tensor, in_features: int) -> Tensor:
     from ..formats.bitpack import unpack_bits
 
     ranks = torch.zeros(in_features, dtype=torch.int32)
-    flat = unpack_bits(bits.cpu(), bits.numel() * 8)
+    bits = bits.cpu()
     for start, w, off in table[:, [_COL["start"], _COL["width"], _COL["salient_cols"]]].tolist():
-        sal = flat[off : off + w].bool()
+        first = off // 8  # unpack only the bytes holding this block's column bitmap
+        sal = unpack_bits(bits[first : (off + w + 7) // 8], (off + w) - 8 * first)[off - 8 * first :]
         ranks[start : start + w] = torch.where(sal, sal.cumsum(0) - 1, (~sal).cumsum(0) - 1).to(torch.int32)
     return ranks
 
