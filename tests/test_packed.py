@@ -19,12 +19,12 @@ from onebit import QuantConfig, quantize
 from onebit.engine.solver import quantize_linear
 from onebit.formats.bitpack import pack_bits, unpack_bits
 from onebit.formats.checkpoint import PackCollector, load_packed, measured_bpw, save_packed
-from onebit.formats.packed import UNPACKABLE, PackedFormatError, PackedLinear
+from onebit.formats.packed import UNPACKABLE, PackedFormatError, PackedLinear, from_tiles, to_tiles
 from onebit.formats.repack import repack_linear
 from onebit.methods import available_methods, build_method
 from onebit.methods.base import storage_bits
 from onebit.models import get_adapter
-from onebit.nn import OnebitLinear, kernels
+from onebit.nn import OnebitLinear, kernels, packed_modules, set_dense_cache
 
 PACKABLE = [m for m in available_methods() if m not in UNPACKABLE]
 FAST = settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -51,6 +51,17 @@ def test_pack_unpack_bits_roundtrip(n, seed):
     packed = pack_bits(bits)
     assert packed.numel() == (n + 7) // 8
     assert torch.equal(unpack_bits(packed, n), bits)
+
+
+def test_row_tiles_by_hand():
+    """Row-wise tensors are stored in 16-row tiles, column-major inside a tile, the short last tile likewise."""
+    n, d = 20, 3
+    t = torch.arange(n * d).view(n, d)
+    flat = to_tiles(t)
+    # tile 0: column 0 of rows 0..15, then column 1, ...; tile 1 (rows 16..19): column 0, column 1, ...
+    want = [r * d + c for c in range(d) for r in range(16)] + [r * d + c for c in range(d) for r in range(16, 20)]
+    assert flat.tolist() == want
+    assert torch.equal(from_tiles(flat, n, d), t)
 
 
 # ---- pack → unpack is exact for every method -------------------------------------------------------------
@@ -82,23 +93,43 @@ def test_packed_forward_equals_dense(method):
     res = quantized(method, n, m, 64)
     bias = torch.randn(n)
     mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), 64), bias)
-    for tokens in (1, 7, 16, 33):  # ≤ 16: packed kernel where the layout has one; 33: dense path
+    for tokens in (1, 7, 16, 33):  # the packed kernel where the layout has one, else the dense path
         x = torch.randn(2, tokens, m)
         ref = (x.double() @ res.q.double().T + bias.double()).float()  # float64 reference of y = Ŵx + b
         torch.testing.assert_close(mod(x), ref, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(mod.reference_forward(x), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_token_limit_and_dense_cache():
+    """Above ``kernel_max_tokens`` the reference path runs; with the dense cache on it keeps the decoded Ŵ,
+    and later calls (any size) reuse it."""
+    res = quantized("braq", 21, 200, 64)
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks("braq", res.blocks, (21, 200), 64))
+    mod.kernel_max_tokens = 4
+    set_dense_cache(mod)
+    x = torch.randn(9, 200)
+    assert not mod.kernel_ok(9, x) and mod._dense is None
+    torch.testing.assert_close(mod(x), (x.double() @ res.q.double().T).float(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(mod._dense, res.q)
+    assert not mod.kernel_ok(1, x[:1])  # cached Ŵ: the dense product from now on
+    set_dense_cache(mod, False)
+    assert mod._dense is None
+
+
 @pytest.mark.parametrize("method", sorted(kernels.KERNEL_LAYOUTS))
-def test_kernel_is_used_and_matches(method):
+@pytest.mark.parametrize("n, m, block", [(21, 200, 64), (48, 256, 128), (40, 384, 128)])
+def test_kernel_is_used_and_matches(method, n, m, block):
+    """Odd shapes (unaligned words), whole 16-row tiles at aligned offsets (one-load words) and a short last
+    tile, for 1 to 16 tokens (token passes of 8, 4 and 1)."""
     if kernels.extension() is None:
         pytest.skip("C++ extension could not be built here")
-    res = quantized(method, 21, 200, 64)
-    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (21, 200), 64))
-    x = torch.randn(3, 200)
-    assert mod.kernel_ok(3, x)
-    y = kernels.packed_gemm(x, mod.packed_bits, mod.packed_fp16, mod._table, 21, mod._layout_id)
-    torch.testing.assert_close(y, F.linear(x, res.q), atol=1e-4, rtol=1e-4)
+    res = quantized(method, n, m, block)
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), block))
+    for tokens in (1, 3, 13, 16):
+        x = torch.randn(tokens, m)
+        assert mod.kernel_ok(tokens, x)
+        y = kernels.packed_gemm(x, mod.packed_bits, mod.packed_fp16, mod._table, n, mod._layout_id)
+        torch.testing.assert_close(y, (x.double() @ res.q.double().T).float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -193,9 +224,10 @@ def test_from_pretrained_roundtrip(packed_dir):
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, OnebitLinear) and not hasattr(q, "weight")
     with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, atol=2e-4, rtol=1e-4)  # the packed kernel
+        for mod in packed_modules(model).values():
+            mod.use_kernel = False
         torch.testing.assert_close(model(ids).logits, logits, atol=0, rtol=0)  # reference path: exact
-        short = ids[:, :8]  # ≤ 16 tokens: the packed kernel
-        torch.testing.assert_close(model(short).logits, logits[:, :8], atol=2e-4, rtol=1e-4)
     out = model.generate(ids[:1, :4], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)
 
@@ -206,7 +238,7 @@ def test_measured_bpw_equals_report(packed_dir):
     assert m["storage_bpw_measured"] == pytest.approx(res.bits.storage_bpw, abs=0)
     assert m["padding_bits"] == 0
     qc = json.loads((d / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "onebit" and qc["format_version"] == 1 and qc["method"] == "braq"
+    assert qc["quant_method"] == "onebit" and qc["format_version"] == 2 and qc["method"] == "braq"
     assert qc["storage"]["storage_bpw_report"] == res.bits.storage_bpw
 
 

@@ -482,12 +482,10 @@ def _eval_projection(model_dir: Path, gguf_path: Path, datasets, seqlen, windows
 
     from .export.gguf_q1 import read_q1_gguf
     from .formats.checkpoint import WEIGHTS_FILE
-    from .nn import set_dense_cache
     from .progress import progress_bars
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    packed_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    set_dense_cache(packed_model)
+    packed_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # whole windows on the kernel
     cfg = AutoConfig.from_pretrained(model_dir)
     del cfg.quantization_config
     proj = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

@@ -3,10 +3,15 @@
 Every method returns each block's stored form as a dict of tensors (``BlockResult.params``: bool = one bit
 per element, float = fp16). A linear is stored as
 
-* ``{module}.packed_bits``  uint8: every bool tensor of every block, flattened row-major, concatenated in
+* ``{module}.packed_bits``  uint8: every bool tensor of every block, flattened, concatenated in
   (block, parameter) order into one bit stream, packed LSB-first (``bitpack``);
 * ``{module}.packed_fp16``  float16: every float tensor, same order;
 * ``{module}.packed_index`` int32 (blocks, parameters, 3): each tensor's (ndim, dim0, dim1).
+
+A tensor is flattened row-major, except a row-wise one (2-D with one row per output feature): its rows go in
+tiles of ``TILE`` = 16, each tile column-major, so the 16 rows' bits of one column are one 16-bit word and
+their scales one 16-vector (what the packed kernels load; ``to_tiles``). The last tile holds the remaining
+rows. No padding: the streams hold exactly the method's bits.
 
 The parameter names and kinds come from ``quantization_config.param_layout[method]``; a per-module manifest
 (``quantization_config.modules``) records method, shape, stream sizes and CRC32s, so a reader can check
@@ -27,7 +32,8 @@ from ..methods.base import PARAM_DTYPE, method_class, storage_bits
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 
 QUANT_METHOD = "onebit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TILE = 16
 SUFFIXES = ("packed_bits", "packed_fp16", "packed_index")
 UNPACKABLE = {"identity": "it stores the full-precision weight (it only checks the engine); there is nothing to pack"}
 
@@ -56,6 +62,26 @@ def param_layout(block: dict[str, Tensor]) -> list[list[str]]:
 
 def crc32(t: Tensor) -> int:
     return zlib.crc32(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+
+def to_tiles(t: Tensor) -> Tensor:
+    """(n, d) → flat (n·d,): rows in tiles of ``TILE``, each tile column-major (the last tile may be shorter)."""
+    n, d = t.shape
+    full = n - n % TILE
+    head = t[:full].reshape(-1, TILE, d).transpose(1, 2).reshape(-1)
+    return torch.cat([head, t[full:].T.reshape(-1)])
+
+
+def from_tiles(flat: Tensor, n: int, d: int) -> Tensor:
+    """Inverse of ``to_tiles``: flat (n·d,) → (n, d)."""
+    full = n - n % TILE
+    head = flat[: full * d].view(-1, d, TILE).transpose(1, 2).reshape(full, d)
+    return torch.cat([head, flat[full * d :].view(d, n - full).T])
+
+
+def row_wise(t_shape: tuple[int, ...], out_features: int) -> bool:
+    """Stored in row tiles: a 2-D tensor with one row per output feature."""
+    return len(t_shape) == 2 and t_shape[0] == out_features
 
 
 @dataclass
@@ -89,12 +115,13 @@ class PackedLinear:
                     raise PackedFormatError(f"block parameter {name!r} has {t.dim()} dims; at most 2 are stored")
                 dims = list(t.shape) + [1] * (2 - t.dim())
                 index[j, p] = torch.tensor([t.dim(), *dims], dtype=torch.int32)
+                flat = to_tiles(t) if row_wise(tuple(t.shape), shape[0]) else t.reshape(-1)
                 if kind == "bits":
-                    bit_parts.append(t.reshape(-1))
+                    bit_parts.append(flat)
                 else:
                     if t.to(PARAM_DTYPE).float().ne(t.float()).any():
                         raise PackedFormatError(f"block {j} parameter {name!r} is not representable in fp16")
-                    fp_parts.append(t.reshape(-1).to(PARAM_DTYPE))
+                    fp_parts.append(flat.to(PARAM_DTYPE))
         bits = pack_bits(torch.cat(bit_parts)) if bit_parts else torch.zeros(0, dtype=torch.uint8)
         fp16 = torch.cat(fp_parts) if fp_parts else torch.zeros(0, dtype=PARAM_DTYPE)
         packed = cls(method, (int(shape[0]), int(shape[1])), block_size, layout, bits, fp16, index)
@@ -137,11 +164,10 @@ class PackedLinear:
                 shape = (d0, d1)[:ndim]
                 size = d0 * d1
                 if kind == "bits":
-                    block[name] = flat[bo : bo + size].view(shape)
-                    bo += size
+                    part, bo = flat[bo : bo + size], bo + size
                 else:
-                    block[name] = self.fp16[fo : fo + size].view(shape)
-                    fo += size
+                    part, fo = self.fp16[fo : fo + size], fo + size
+                block[name] = from_tiles(part, d0, d1) if row_wise(shape, self.shape[0]) else part.view(shape)
             out.append(block)
         return out
 

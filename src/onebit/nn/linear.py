@@ -2,11 +2,12 @@
 
 Forward paths, chosen per call:
 * packed kernel (C++ on the CPU, ``kernels.py``; Triton on CUDA, ``triton_gemv.py``) for ``sign``/``braq``
-  layouts and at most ``kernel_max_tokens`` tokens (decoding): y = Ŵx straight from the bit and fp16
-  streams, no dense weight built;
+  layouts: y = Ŵx straight from the bit and fp16 streams, no dense weight built. Any token count by default
+  (``kernel_max_tokens`` = None): on the AVX-512 CPU it was measured on, it beats dense fp32 ``torch.matmul``
+  from 1 to 2048 tokens (benchmarks/packed_matmul.py), so decoding and prefill both use it;
 * dense: Ŵ decoded with the method's own ``decode_block`` (``PackedLinear.dequantize``) then ``F.linear``
-  — the pure-PyTorch reference, used for prefill, other methods, and when the extension is missing.
-  With ``dense_cache`` on, the decoded Ŵ is kept (fast batch prefill, fp32 memory).
+  — the pure-PyTorch reference, used for other methods, above ``kernel_max_tokens`` and when the extension
+  is missing. With ``dense_cache`` on, the decoded Ŵ is kept for that path (fast, fp32 memory).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class OnebitLinear(nn.Module):
     """Packed 1-bit linear. Buffers ``packed_bits``/``packed_fp16``/``packed_index`` are the checkpoint's
     tensors of the same names; ``bias`` stays a float parameter."""
 
-    kernel_max_tokens = 16
+    kernel_max_tokens: int | None = None
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, method: str, block_size: int,
@@ -82,7 +83,9 @@ class OnebitLinear(nn.Module):
         return w
 
     def kernel_ok(self, tokens: int, x: Tensor) -> bool:
-        if not (self.use_kernel and self._layout_id is not None and tokens <= self.kernel_max_tokens and self._dense is None):
+        limit = self.kernel_max_tokens
+        if not (self.use_kernel and self._layout_id is not None and (limit is None or tokens <= limit)
+                and self._dense is None):
             return False
         if x.device.type == "cuda":
             return kernels.triton_available()

@@ -28,12 +28,23 @@ def _bit(bp, off):
 
 
 @triton.jit
+def _coef(hp, off, d1, c, r0, nr, rr, live_r):
+    """Column ``c`` of a row-wise (n × d1) fp16 tensor, for the program's rows, as a (BN, 1) column."""
+    return tl.load(hp + off + r0 * d1 + c * nr + rr, mask=live_r, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
 def _gemv(x_ptr, bp, hp, tab, rank_ptr, y_ptr, n, m, nblk,
           LAYOUT: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NCOL: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     t = tl.program_id(1)
     live_r = rows < n
     r64 = rows.to(tl.int64)
+    # row-wise tensors are stored in 16-row tiles, column-major inside a tile (formats/packed.py): element
+    # (row, c) of an (n × d1) tensor at offset off sits at off + r0·d1 + c·R + (row − r0)
+    r0 = (r64 // 16) * 16
+    nr = tl.minimum(n - r0, 16)
+    rr = r64 - r0
     acc = tl.zeros((BN,), dtype=tl.float32)
     for j in range(nblk):
         start = tl.load(tab + j * NCOL + 0)
@@ -42,29 +53,27 @@ def _gemv(x_ptr, bp, hp, tab, rank_ptr, y_ptr, n, m, nblk,
         live_c = cols < w
         x = tl.load(x_ptr + t * m + start + cols, mask=live_c, other=0.0)
         live = live_r[:, None] & live_c[None, :]
-        s1 = tl.load(tab + j * NCOL + 3) + r64[:, None] * w + cols[None, :]
+        s1 = tl.load(tab + j * NCOL + 3) + (r0 * w + rr)[:, None] + cols[None, :] * nr[:, None]
         b1 = tl.where(live, _bit(bp, tl.where(live, s1, 0)), 0.0) * 2.0 - 1.0
         mu_off = tl.load(tab + j * NCOL + 7)
         al_off = tl.load(tab + j * NCOL + 8)
         if LAYOUT == 0:
-            mu = tl.load(hp + mu_off + r64, mask=live_r, other=0.0).to(tl.float32)
-            al = tl.load(hp + al_off + r64, mask=live_r, other=0.0).to(tl.float32)
-            wq = mu[:, None] + al[:, None] * b1
+            wq = _coef(hp, mu_off, 1, 0, r0, nr, rr, live_r) + _coef(hp, al_off, 1, 0, r0, nr, rr, live_r) * b1
         else:
             k = tl.load(tab + j * NCOL + 2)
             sal = _bit(bp, tl.load(tab + j * NCOL + 6) + tl.where(live_c, cols, 0)) > 0.5
             rank = tl.load(rank_ptr + start + cols, mask=live_c, other=0).to(tl.int64)
-            sp_off = tl.load(tab + j * NCOL + 5) + r64[:, None] * (w - k) + rank[None, :]
-            s2_off = tl.load(tab + j * NCOL + 4) + r64[:, None] * k + rank[None, :]
+            sp_off = tl.load(tab + j * NCOL + 5) + (r0 * (w - k) + rr)[:, None] + rank[None, :] * nr[:, None]
+            s2_off = tl.load(tab + j * NCOL + 4) + (r0 * k + rr)[:, None] + rank[None, :] * nr[:, None]
             sp = _bit(bp, tl.where(live & ~sal[None, :], sp_off, 0)) > 0.5
             b2 = _bit(bp, tl.where(live & sal[None, :], s2_off, 0)) * 2.0 - 1.0
-            mc = tl.load(hp + mu_off + 3 * r64 + 0, mask=live_r, other=0.0).to(tl.float32)[:, None]
-            ms = tl.load(hp + mu_off + 3 * r64 + 1, mask=live_r, other=0.0).to(tl.float32)[:, None]
-            msal = tl.load(hp + mu_off + 3 * r64 + 2, mask=live_r, other=0.0).to(tl.float32)[:, None]
-            ac = tl.load(hp + al_off + 4 * r64 + 0, mask=live_r, other=0.0).to(tl.float32)[:, None]
-            a_s = tl.load(hp + al_off + 4 * r64 + 1, mask=live_r, other=0.0).to(tl.float32)[:, None]
-            a1 = tl.load(hp + al_off + 4 * r64 + 2, mask=live_r, other=0.0).to(tl.float32)[:, None]
-            a2 = tl.load(hp + al_off + 4 * r64 + 3, mask=live_r, other=0.0).to(tl.float32)[:, None]
+            mc = _coef(hp, mu_off, 3, 0, r0, nr, rr, live_r)
+            ms = _coef(hp, mu_off, 3, 1, r0, nr, rr, live_r)
+            msal = _coef(hp, mu_off, 3, 2, r0, nr, rr, live_r)
+            ac = _coef(hp, al_off, 4, 0, r0, nr, rr, live_r)
+            a_s = _coef(hp, al_off, 4, 1, r0, nr, rr, live_r)
+            a1 = _coef(hp, al_off, 4, 2, r0, nr, rr, live_r)
+            a2 = _coef(hp, al_off, 4, 3, r0, nr, rr, live_r)
             ns = tl.where(sp, ms + a_s * b1, mc + ac * b1)
             wq = tl.where(sal[None, :], msal + a1 * b1 + a2 * b2, ns)
         acc += tl.sum(tl.where(live, wq * x[None, :], 0.0), axis=1)
