@@ -2,6 +2,8 @@
 
     python benchmarks/packed_matmul.py kernels                 # 4096×4096 and 4096×11008, batch 1 and 16
                                                                # (+ Triton vs fp16 when CUDA is present)
+    python benchmarks/packed_matmul.py kernels --batches 256,2048   # prefill-sized token counts
+    ONEBIT_PORTABLE_KERNEL=1 python benchmarks/packed_matmul.py kernels   # the build CPUs without AVX-512 get
     python benchmarks/packed_matmul.py e2e PACKED_DIR FP_DIR   # tokens/s and resident memory, packed vs fp
 
 Kernel timings use synthetic packed weights (random bits, 8 % salient columns for braq): the kernel's work
@@ -55,13 +57,14 @@ def paired_median(f, g, reps: int) -> tuple[float, float]:
     return statistics.median(tf), statistics.median(tg)
 
 
-def kernels(reps: int) -> list[dict]:
+def kernels(reps: int, batches: list[int]) -> list[dict]:
     from onebit.formats.packed import PackedLinear
     from onebit.nn import OnebitLinear
     from onebit.nn.kernels import extension
 
     ext = extension()
-    print(f"threads {torch.get_num_threads()}, extension {'AVX-512' if ext and ext.has_avx512() else ext}, "
+    kind = None if ext is None else "AVX-512" if ext.has_avx512() else "portable (no AVX-512)"
+    print(f"threads {torch.get_num_threads()}, extension {kind}, "
           f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     rows = []
     for n, m in ((4096, 4096), (4096, 11008)):
@@ -69,7 +72,7 @@ def kernels(reps: int) -> list[dict]:
         for method in ("sign", "braq"):
             packed = PackedLinear.from_blocks(method, synth_blocks(method, n, m), (n, m), 128)
             mod = OnebitLinear.from_packed(packed)
-            for batch in (1, 16):
+            for batch in batches:
                 x = torch.randn(batch, m)
                 torch.testing.assert_close(mod(x), mod.reference_forward(x), atol=1e-3, rtol=1e-3)
                 td, tp = paired_median(lambda: torch.matmul(x, w.T), lambda: mod(x), reps)
@@ -81,7 +84,7 @@ def kernels(reps: int) -> list[dict]:
     return rows
 
 
-def gpu_kernels(reps: int) -> list[dict]:
+def gpu_kernels(reps: int, batches: list[int]) -> list[dict]:
     """Triton packed GEMV vs dense fp16 ``torch.matmul`` on CUDA (run when a GPU is present)."""
     from onebit.formats.packed import PackedLinear
     from onebit.nn import OnebitLinear
@@ -97,7 +100,7 @@ def gpu_kernels(reps: int) -> list[dict]:
         w = torch.randn(n, m, device="cuda", dtype=torch.float16)
         for method in ("sign", "braq"):
             mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, synth_blocks(method, n, m), (n, m), 128)).cuda()
-            for batch in (1, 16):
+            for batch in batches:
                 x = torch.randn(batch, m, device="cuda")
                 torch.testing.assert_close(mod(x), mod.reference_forward(x), atol=1e-3, rtol=1e-3)
                 xh = x.half()
@@ -176,15 +179,17 @@ def main() -> None:
     p.add_argument("what", choices=["kernels", "e2e", "_e2e_one"])
     p.add_argument("dirs", nargs="*", help="e2e: model directories (packed and fp)")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--batches", default="1,16", help="kernels: token counts, comma-separated")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads for dense and packed alike")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.what == "kernels":
-        print(markdown(kernels(a.reps)))
+        batches = [int(b) for b in a.batches.split(",")]
+        print(markdown(kernels(a.reps, batches)))
         if torch.cuda.is_available():
-            print(markdown(gpu_kernels(a.reps)))
+            print(markdown(gpu_kernels(a.reps, batches)))
     elif a.what == "e2e":
         print(markdown(e2e(a.dirs, a.new_tokens, a.reps)))
     else:

@@ -62,6 +62,9 @@ def test_row_tiles_by_hand():
     want = [r * d + c for c in range(d) for r in range(16)] + [r * d + c for c in range(d) for r in range(16, 20)]
     assert flat.tolist() == want
     assert torch.equal(from_tiles(flat, n, d), t)
+    for shape in ((0, 3), (20, 0), (32, 0), (16, 2)):  # empty tensors (a block without salient columns)
+        e = torch.ones(shape, dtype=torch.bool)
+        assert torch.equal(from_tiles(to_tiles(e), *shape), e)
 
 
 # ---- pack → unpack is exact for every method -------------------------------------------------------------
@@ -328,15 +331,13 @@ def test_q1_0_block_layout_by_hand():
     assert torch.equal(back, torch.where(w > 0, 1.0, -1.0) * float(d))
 
 
-def test_export_gguf_roundtrip(tmp_path):
-    """A Q1_0-compatible llama (in_features multiple of 128) packed with ``sign``, exported and read back."""
+def _packed_llama(tmp_path: Path, intermediate: int):
+    """A 1-layer llama (hidden 128) packed with ``sign``, with a byte-level tokenizer; (dir, config)."""
     import transformers as tf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from onebit.export.gguf_q1 import dequantize_q1_0, export_q1_gguf, quantize_q1_0, read_q1_gguf
-
-    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
@@ -346,9 +347,17 @@ def test_export_gguf_roundtrip(tmp_path):
     tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     d = tmp_path / "p"
     save_packed(model, d, col.packed, "sign", {}, 128, res.bits, PreTrainedTokenizerFast(tokenizer_object=tk))
+    return d, cfg
+
+
+def test_export_gguf_roundtrip(tmp_path):
+    """A Q1_0-compatible llama (in_features multiple of 128) packed with ``sign``, exported and read back."""
+    from onebit.export.gguf_q1 import dequantize_q1_0, export_q1_gguf, quantize_q1_0, read_q1_gguf
+
+    d, cfg = _packed_llama(tmp_path, 256)
     out = tmp_path / "m.gguf"
     summary = export_q1_gguf(d, out)
-    assert summary["q1_bpw"] == 1.125
+    assert summary["q1_bpw"] == 1.125 and summary["q1_fraction"] == 1.0
     got = read_q1_gguf(out, cfg)
     _, packed = load_packed(d)
     assert len(got) == len(packed) == 7
@@ -357,3 +366,22 @@ def test_export_gguf_roundtrip(tmp_path):
         # sign blocks are μ ± α; Q1_0 keeps sign(Ŵ) and mean |Ŵ|
         assert torch.equal(got[f"{name}.weight"], dequantize_q1_0(quantize_q1_0(w), *w.shape))
         assert torch.equal(got[f"{name}.weight"] > 0, w > 0)
+
+
+def test_export_gguf_f16_fallback(tmp_path):
+    """in_features 192 (down_proj) has no Q1_0 form: refused, or written as F16 Ŵ with --f16-fallback."""
+    from onebit.export.gguf_q1 import dequantize_q1_0, export_q1_gguf, quantize_q1_0, read_q1_gguf
+
+    d, cfg = _packed_llama(tmp_path, 192)
+    with pytest.raises(ValueError, match="mlp.down_proj: 192.*f16_fallback"):
+        export_q1_gguf(d, tmp_path / "refused.gguf")
+    summary = export_q1_gguf(d, tmp_path / "m.gguf", f16_fallback=True)
+    _, packed = load_packed(d)
+    down = [k for k in packed if k.endswith("down_proj")]
+    assert summary["f16_fallback_weights"] == sum(packed[k].weights for k in down)
+    assert summary["q1_weights"] == sum(p.weights for k, p in packed.items() if k not in down)
+    got = read_q1_gguf(tmp_path / "m.gguf", cfg)
+    for name, p in packed.items():
+        w = p.dequantize()
+        want = w.half().float() if name in down else dequantize_q1_0(quantize_q1_0(w), *w.shape)
+        assert torch.equal(got[f"{name}.weight"], want)

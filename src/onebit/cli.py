@@ -457,6 +457,8 @@ def export_gguf(
     model_dir: Path = typer.Argument(..., help="a packed checkpoint (`onebit quantize --save-packed DIR`)"),
     out: Path = typer.Argument(..., help="the .gguf file to write (llama.cpp Q1_0 linears)"),
     eval: str = typer.Option("", "--eval", help="also report perplexity of the packed model and of the Q1_0 projection"),
+    f16_fallback: bool = typer.Option(False, "--f16-fallback",
+                                      help="write linears whose in_features is not a multiple of 128 as F16 copies of Ŵ"),
     eval_seqlen: int = typer.Option(2048, min=2),
     eval_windows: Optional[int] = typer.Option(None, min=1),
     data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA"),
@@ -465,8 +467,12 @@ def export_gguf(
     """Write a GGUF whose decoder linears are Q1_0 (fp16 scale + 128 sign bits): a lossy projection."""
     from .export.gguf_q1 import export_q1_gguf
 
-    summary = export_q1_gguf(model_dir, out)
-    console.print(f"wrote {out}: {summary['file_bytes'] / 2**20:.1f} MiB; Q1_0 linears {summary['q1_bpw']:.4f} bpw")
+    try:
+        summary = export_q1_gguf(model_dir, out, f16_fallback)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(f"wrote {out}: {summary['file_bytes'] / 2**20:.1f} MiB; Q1_0 linears {summary['q1_bpw']:.4f} bpw, "
+                  f"{summary['q1_fraction']:.1%} of the linear weights in Q1_0 (the rest F16)")
     datasets = _csv(eval)
     if datasets:
         summary["ppl_packed"], summary["ppl_q1_0"] = _eval_projection(model_dir, out, datasets, eval_seqlen,

@@ -6,6 +6,10 @@ express, so each 128-block of the dequantized Ŵ is projected onto its nearest d
 d = mean |Ŵ|. Embeddings, norms and lm_head are written as F32. Architecture: llama family (llama,
 mistral), whose q/k rows llama.cpp expects permuted for its rotary layout (same permutation as
 llama.cpp's converter). ``read_q1_gguf`` decodes a written file back to HF tensors for perplexity checks.
+
+Q1_0 blocks run along a row, so a linear whose in_features is not a multiple of 128 has no Q1_0 form (GGML
+refuses such tensors). Such a model is refused, unless ``f16_fallback``: those linears are then written as
+F16 copies of Ŵ (16 bits per weight, not 1-bit) and the summary counts the weights in each type.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def _write_tokenizer(writer: Any, model_dir: Path) -> None:
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
-def export_q1_gguf(model_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
+def export_q1_gguf(model_dir: str | Path, out_path: str | Path, f16_fallback: bool = False) -> dict[str, Any]:
     """Write ``out_path`` from a packed checkpoint; returns a summary (tensors, bytes, bpw)."""
     import gguf
     from safetensors import safe_open
@@ -91,6 +95,12 @@ def export_q1_gguf(model_dir: str | Path, out_path: str | Path) -> dict[str, Any
     if cfg.model_type not in ("llama", "mistral"):
         raise ValueError(f"GGUF export supports the llama family (llama, mistral), not {cfg.model_type!r}")
     _, packed = load_packed(model_dir)
+    odd = sorted(k for k, p in packed.items() if p.shape[1] % QK)
+    if odd and not f16_fallback:
+        raise ValueError(
+            f"Q1_0 needs in_features divisible by {QK}; {len(odd)} linears are not (e.g. {odd[0]}: "
+            f"{packed[odd[0]].shape[1]}). Pass f16_fallback (CLI: --f16-fallback) to write those as F16 copies of Ŵ"
+        )
     with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
         plain = {k: f.get_tensor(k).float() for k in f.keys() if ".packed_" not in k}
     writer = gguf.GGUFWriter(str(out_path), "llama")
@@ -107,7 +117,7 @@ def export_q1_gguf(model_dir: str | Path, out_path: str | Path) -> dict[str, Any
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q1_0)
     _write_tokenizer(writer, model_dir)
-    q1_bytes = q1_weights = 0
+    q1_bytes = q1_weights = f16_weights = 0
     for hf, name in GLOBAL_TENSORS.items():
         if hf in plain:
             writer.add_tensor(name, plain[hf].numpy())
@@ -119,6 +129,10 @@ def export_q1_gguf(model_dir: str | Path, out_path: str | Path) -> dict[str, Any
                 heads = _heads(cfg, module)
                 if heads is not None:
                     w = permute_qk(w, heads)
+                if w.shape[1] % QK:
+                    writer.add_tensor(f"blk.{i}.{short}.weight", w.half().numpy())
+                    f16_weights += w.numel()
+                    continue
                 raw = quantize_q1_0(w)
                 writer.add_tensor(f"blk.{i}.{short}.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q1_0)
                 q1_bytes += raw.nbytes
@@ -130,23 +144,29 @@ def export_q1_gguf(model_dir: str | Path, out_path: str | Path) -> dict[str, Any
     writer.write_tensors_to_file()
     writer.close()
     return dict(q1_tensors_bytes=q1_bytes, q1_weights=q1_weights, q1_bpw=q1_bytes * 8 / max(q1_weights, 1),
+                f16_fallback_weights=f16_weights, q1_fraction=q1_weights / max(q1_weights + f16_weights, 1),
                 file_bytes=Path(out_path).stat().st_size)
 
 
 def read_q1_gguf(path: str | Path, cfg: Any) -> dict[str, Tensor]:
-    """HF-named float tensors of every decoder linear in a Q1_0 GGUF (q/k rows un-permuted)."""
+    """HF-named float tensors of every decoder linear in a Q1_0 GGUF, Q1_0 or F16 fallback (q/k rows
+    un-permuted)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
     short_to_module = {v: k for k, v in LAYER_TENSORS.items()}
     out = {}
     for t in reader.tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.Q1_0:
+        parts = t.name.split(".")
+        if parts[0] != "blk" or "norm" in parts[2]:
             continue
-        _, layer, short, _ = t.name.split(".")
+        _, layer, short, _ = parts
         m, n = (int(x) for x in t.shape[:2])  # GGUF lists dims innermost first
         module = short_to_module[short]
-        w = dequantize_q1_0(np.asarray(t.data), n, m)
+        if t.tensor_type == gguf.GGMLQuantizationType.Q1_0:
+            w = dequantize_q1_0(np.asarray(t.data), n, m)
+        else:
+            w = torch.from_numpy(np.asarray(t.data).astype(np.float32).reshape(n, m))
         heads = _heads(cfg, module)
         if heads is not None:
             w = permute_qk(w, heads, inverse=True)

@@ -68,14 +68,14 @@ def to_tiles(t: Tensor) -> Tensor:
     """(n, d) → flat (n·d,): rows in tiles of ``TILE``, each tile column-major (the last tile may be shorter)."""
     n, d = t.shape
     full = n - n % TILE
-    head = t[:full].reshape(-1, TILE, d).transpose(1, 2).reshape(-1)
+    head = t[:full].reshape(full // TILE, TILE, d).transpose(1, 2).reshape(-1)
     return torch.cat([head, t[full:].T.reshape(-1)])
 
 
 def from_tiles(flat: Tensor, n: int, d: int) -> Tensor:
     """Inverse of ``to_tiles``: flat (n·d,) → (n, d)."""
     full = n - n % TILE
-    head = flat[: full * d].view(-1, d, TILE).transpose(1, 2).reshape(full, d)
+    head = flat[: full * d].view(full // TILE, d, TILE).transpose(1, 2).reshape(full, d)
     return torch.cat([head, flat[full * d :].view(d, n - full).T])
 
 

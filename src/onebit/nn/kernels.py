@@ -29,11 +29,13 @@ TABLE_COLUMNS = ("start", "width", "k", "signs", "signs2", "sparse", "salient_co
 
 @lru_cache(maxsize=1)
 def extension() -> ModuleType | None:
-    """The compiled extension, or None (logged once) when it cannot be built here."""
+    """The compiled extension, or None (logged once) when it cannot be built here. ``ONEBIT_NO_EXT=1``: none
+    (the reference path); ``ONEBIT_PORTABLE_KERNEL=1``: the portable build (to measure what CPUs without
+    AVX-512 get)."""
     if os.environ.get("ONEBIT_NO_EXT"):
         return None
     try:
-        return build()
+        return build(portable=bool(os.environ.get("ONEBIT_PORTABLE_KERNEL")))
     except Exception as e:  # noqa: BLE001 - any build failure means: use the reference path
         log.warning("onebit packed-GEMV extension unavailable (%s); using the PyTorch reference path", e)
         return None

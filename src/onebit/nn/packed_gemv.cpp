@@ -1,4 +1,4 @@
-// Packed 1-bit GEMV/GEMM for small token counts, reading the onebit storage streams directly (no unpacking
+// Packed 1-bit GEMV/GEMM, reading the onebit storage streams directly (no unpacking
 // into a dense weight, no repacked copy). Row-wise tensors are stored in tiles of 16 rows, column-major inside
 // a tile (docs/format.md), so for one tile and one column the 16 rows' sign bits are one 16-bit word and
 // their scales one 16-vector. The kernel works on a tile at a time with the 16 rows in the vector lanes: per
@@ -16,7 +16,7 @@
 #include <ATen/Parallel.h>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__BMI2__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define ONEBIT_AVX512 1
 #endif
@@ -40,13 +40,16 @@ inline uint32_t read_bits(const uint8_t* p, int64_t nbytes, int64_t off, int nb)
 
 // 16 lanes = the 16 rows of a tile.
 #ifdef ONEBIT_AVX512
+constexpr int kChains = 4;  // independent FMA chains per token pass
 using Vec = __m512;
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vset(float a) { return _mm512_set1_ps(a); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec vblend(uint32_t m, Vec a, Vec b) { return _mm512_mask_blend_ps(static_cast<__mmask16>(m), a, b); }
+using Sel = __mmask16;  // lane l selected when bit l of a 16-bit word is set
+inline Sel vmask(uint32_t word) { return static_cast<__mmask16>(word); }
+inline Vec vselect(Sel m, Vec a, Vec b) { return _mm512_mask_blend_ps(m, a, b); }
 inline Vec vload_half(const at::Half* p, int rows) {
     const __m256i h = rows == kTile ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                                     : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << rows) - 1u), p);
@@ -54,26 +57,75 @@ inline Vec vload_half(const at::Half* p, int rows) {
 }
 inline void vstore(float* y, Vec v, int rows) { _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << rows) - 1u), v); }
 #else
-// GCC vector extensions: whatever SIMD the target has (SSE/AVX2 on x86, NEON on Arm)
-typedef float Vec __attribute__((vector_size(4 * kTile)));
-typedef int32_t IVec __attribute__((vector_size(4 * kTile)));
-inline Vec vzero() { return Vec{}; }
-inline Vec vset(float a) { return Vec{} + a; }
-inline Vec vadd(Vec a, Vec b) { return a + b; }
-inline Vec vsub(Vec a, Vec b) { return a - b; }
-inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
-inline Vec vblend(uint32_t m, Vec a, Vec b) {
-    const IVec lane = {1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7,
-                       1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15};
-    const IVec sel = ((IVec{} + static_cast<int32_t>(m)) & lane) != 0;  // all-ones lanes take b
-    return reinterpret_cast<Vec>((reinterpret_cast<IVec>(a) & ~sel) | (reinterpret_cast<IVec>(b) & sel));
+// GCC vector extensions in the target's native width (8 lanes with AVX2, else 4: SSE, NEON). 16 lanes are a
+// binary tree of named halves down to one native vector: the compiler keeps named members in registers
+// (a 16-lane generic vector or an array of parts went through the stack, measured 2-5x slower)
+constexpr int kChains = 1;  // 16 lanes already take 2 to 4 registers per value
+#ifdef __AVX2__
+constexpr int kW = 8;
+#else
+constexpr int kW = 4;
+#endif
+typedef float VN __attribute__((vector_size(4 * kW)));
+typedef int32_t IN __attribute__((vector_size(4 * kW)));
+template <typename T, int N>
+struct Pack {
+    Pack<T, N / 2> lo, hi;
+};
+template <typename T>
+struct Pack<T, kW> {
+    T v;
+};
+using Vec = Pack<VN, kTile>;
+using Sel = Pack<IN, kTile>;  // all-ones lanes are selected
+// f applied to the native vectors of the packs p, leaf by leaf
+template <typename R, int N = kTile, typename F, typename... P>
+inline Pack<R, N> each(F f, const P&... p) {
+    if constexpr (N == kW)
+        return {f(p.v...)};
+    else
+        return {each<R, N / 2>(f, p.lo...), each<R, N / 2>(f, p.hi...)};
+}
+inline Vec vzero() { return each<VN>([] { return VN{}; }); }
+inline Vec vset(float a) { return each<VN>([a] { return VN{} + a; }); }
+inline Vec vadd(const Vec& a, const Vec& b) { return each<VN>([](VN x, VN y) { return x + y; }, a, b); }
+inline Vec vsub(const Vec& a, const Vec& b) { return each<VN>([](VN x, VN y) { return x - y; }, a, b); }
+inline Vec vfma(const Vec& a, const Vec& b, const Vec& c) {
+    return each<VN>([](VN x, VN y, VN z) { return x * y + z; }, a, b, c);
+}
+inline Vec vselect(const Sel& m, const Vec& a, const Vec& b) {
+    return each<VN>([](IN k, VN x, VN y) {
+        return reinterpret_cast<VN>((reinterpret_cast<IN>(x) & ~k) | (reinterpret_cast<IN>(y) & k));
+    }, m, a, b);
+}
+// kW bits → kW lanes of 0 / all-ones: a word's lane masks are 16 / kW table loads
+struct BitLanes {
+    IN v[1 << kW];
+    BitLanes() {
+        for (int b = 0; b < (1 << kW); ++b)
+            for (int l = 0; l < kW; ++l) v[b][l] = (b >> l & 1) ? -1 : 0;
+    }
+};
+const BitLanes kBitLanes;
+template <int N = kTile>
+inline Pack<IN, N> vmask(uint32_t word) {
+    if constexpr (N == kW)
+        return {kBitLanes.v[word & ((1u << kW) - 1u)]};
+    else
+        return {vmask<N / 2>(word), vmask<N / 2>(word >> (N / 2))};
 }
 inline Vec vload_half(const at::Half* p, int rows) {
-    Vec r{};
-    for (int l = 0; l < rows; ++l) r[l] = static_cast<float>(p[l]);
+    float t[kTile] = {};
+    for (int l = 0; l < rows; ++l) t[l] = static_cast<float>(p[l]);
+    Vec r;
+    std::memcpy(&r, t, sizeof(t));
     return r;
 }
-inline void vstore(float* y, Vec v, int rows) { std::memcpy(y, &v, sizeof(float) * rows); }
+inline void vstore(float* y, const Vec& v, int rows) {
+    float t[kTile];
+    std::memcpy(t, &v, sizeof(t));
+    std::memcpy(y, t, sizeof(float) * rows);
+}
 #endif
 
 struct Problem {
@@ -131,7 +183,7 @@ inline void columns(Vec (&acc)[NA][TT], int64_t cnt, const float* x, int64_t m, 
 // y[t0 .. t0+TT) for the rows of tile g.
 template <int TT, bool Aligned>
 void tile_kernel(const Problem& P, int64_t g, int64_t t0) {
-    constexpr int NA = TT >= 4 ? 1 : 4 / TT;
+    constexpr int NA = TT >= kChains ? 1 : kChains / TT;
     const int rows = static_cast<int>(std::min<int64_t>(kTile, P.n - g * kTile));
     const int64_t r0 = g * kTile;
     Vec acc[NA][TT];
@@ -151,7 +203,7 @@ void tile_kernel(const Problem& P, int64_t g, int64_t t0) {
             const Vec lo = vsub(m0, a0), hi = vadd(m0, a0);
             columns<TT, NA>(acc, w, x, P.m, [&](int64_t q, int64_t& col) {
                 col = q;
-                return vblend(s1.word(q), lo, hi);
+                return vselect(vmask(s1.word(q)), lo, hi);
             });
             continue;
         }
@@ -163,12 +215,12 @@ void tile_kernel(const Problem& P, int64_t g, int64_t t0) {
         const uint16_t* ord = P.order + r[kStart];
         columns<TT, NA>(acc, w - k, x, P.m, [&](int64_t q, int64_t& col) {
             col = ord[q];
-            const uint32_t b1 = s1.word(col);
-            return vblend(sp.word(q), vblend(b1, c_lo, c_hi), vblend(b1, s_lo, s_hi));
+            const Sel b1 = vmask(s1.word(col));
+            return vselect(vmask(sp.word(q)), vselect(b1, c_lo, c_hi), vselect(b1, s_lo, s_hi));
         });
         columns<TT, NA>(acc, k, x, P.m, [&](int64_t q, int64_t& col) {
             col = ord[w - k + q];
-            return vadd(vblend(s1.word(col), sal_lo, sal_hi), vblend(s2.word(q), a2_lo, a2));
+            return vadd(vselect(vmask(s1.word(col)), sal_lo, sal_hi), vselect(vmask(s2.word(q)), a2_lo, a2));
         });
     }
     for (int t = 0; t < TT; ++t) {
@@ -251,5 +303,5 @@ bool has_avx512() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("packed_gemm", &packed_gemm, "y = x · Ŵᵀ from onebit packed streams");
-    m.def("has_avx512", &has_avx512, "compiled with the AVX-512 + BMI2 path");
+    m.def("has_avx512", &has_avx512, "compiled with the AVX-512 path");
 }
