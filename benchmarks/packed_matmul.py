@@ -3,7 +3,7 @@
     python benchmarks/packed_matmul.py kernels                 # 4096×4096 and 4096×11008, batch 1 and 16
                                                                # (+ Triton vs fp16 when CUDA is present)
     python benchmarks/packed_matmul.py kernels --batches 256,2048   # prefill-sized token counts
-    ONEBIT_PORTABLE_KERNEL=1 python benchmarks/packed_matmul.py kernels   # the build CPUs without AVX-512 get
+    ONEBIT_KERNEL_MARCH=x86-64-v3 python benchmarks/packed_matmul.py kernels   # what AVX2 CPUs get (-march)
     python benchmarks/packed_matmul.py e2e PACKED_DIR FP_DIR   # tokens/s and resident memory, packed vs fp
 
 Kernel timings use synthetic packed weights (random bits, 8 % salient columns for braq): the kernel's work
@@ -63,7 +63,8 @@ def kernels(reps: int, batches: list[int]) -> list[dict]:
     from onebit.nn.kernels import extension
 
     ext = extension()
-    kind = None if ext is None else "AVX-512" if ext.has_avx512() else "portable (no AVX-512)"
+    kind = None if ext is None else "AVX-512" if ext.has_avx512() else "vector extensions (no AVX-512)"
+    kind = f"{kind}, -march={os.environ.get('ONEBIT_KERNEL_MARCH', 'native')}"
     print(f"threads {torch.get_num_threads()}, extension {kind}, "
           f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     rows = []

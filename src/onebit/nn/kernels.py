@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -30,12 +31,12 @@ TABLE_COLUMNS = ("start", "width", "k", "signs", "signs2", "sparse", "salient_co
 @lru_cache(maxsize=1)
 def extension() -> ModuleType | None:
     """The compiled extension, or None (logged once) when it cannot be built here. ``ONEBIT_NO_EXT=1``: none
-    (the reference path); ``ONEBIT_PORTABLE_KERNEL=1``: the portable build (to measure what CPUs without
-    AVX-512 get)."""
+    (the reference path); ``ONEBIT_KERNEL_MARCH``: gcc's ``-march`` (default ``native``; e.g. ``x86-64-v3``
+    measures what AVX2 CPUs get)."""
     if os.environ.get("ONEBIT_NO_EXT"):
         return None
     try:
-        return build(portable=bool(os.environ.get("ONEBIT_PORTABLE_KERNEL")))
+        return build(os.environ.get("ONEBIT_KERNEL_MARCH", "native"))
     except Exception as e:  # noqa: BLE001 - any build failure means: use the reference path
         log.warning("onebit packed-GEMV extension unavailable (%s); using the PyTorch reference path", e)
         return None
@@ -49,14 +50,15 @@ def triton_available() -> bool:
     return not os.environ.get("ONEBIT_NO_EXT") and importlib.util.find_spec("triton") is not None
 
 
-def build(portable: bool = False) -> ModuleType:
-    """Compile (or load the cached build of) the extension; ``portable`` leaves out AVX-512/BMI2 (x86-64-v2
-    code, the path machines without AVX-512 run), so tests can check it on any x86 machine."""
+def build(march: str = "native") -> ModuleType:
+    """Compile (or load the cached build of) the extension for gcc's ``-march``; below AVX-512 (e.g.
+    ``x86-64-v2``, what the tests build to check the path machines without AVX-512 run) the kernel uses
+    GCC vector extensions instead of AVX-512 intrinsics."""
     from torch.utils.cpp_extension import load
 
     src = Path(__file__).with_name("packed_gemv.cpp")
-    arch = "-march=x86-64-v2" if portable else "-march=native"
-    name = "onebit_packed_gemv_portable" if portable else "onebit_packed_gemv"
+    arch = f"-march={march}"
+    name = "onebit_packed_gemv" + ("" if march == "native" else "_" + re.sub(r"\W", "_", march))
     return load(name, [str(src)], extra_cflags=["-O3", arch, "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 

@@ -4,7 +4,8 @@ Forward paths, chosen per call:
 * packed kernel (C++ on the CPU, ``kernels.py``; Triton on CUDA, ``triton_gemv.py``) for ``sign``/``braq``
   layouts: y = Ŵx straight from the bit and fp16 streams, no dense weight built. Any token count by default
   (``kernel_max_tokens`` = None): on the AVX-512 CPU it was measured on, it beats dense fp32 ``torch.matmul``
-  from 1 to 2048 tokens (benchmarks/packed_matmul.py), so decoding and prefill both use it;
+  from 1 to 2048 tokens (benchmarks/packed_matmul.py), so decoding and prefill both use it. The Triton
+  kernel is a GEMV: on CUDA it takes at most ``gpu_kernel_max_tokens`` (16), prefill runs dense;
 * dense: Ŵ decoded with the method's own ``decode_block`` (``PackedLinear.dequantize``) then ``F.linear``
   — the pure-PyTorch reference, used for other methods, above ``kernel_max_tokens`` and when the extension
   is missing. With ``dense_cache`` on, the decoded Ŵ is kept for that path (fast, fp32 memory).
@@ -27,6 +28,7 @@ class OnebitLinear(nn.Module):
     tensors of the same names; ``bias`` stays a float parameter."""
 
     kernel_max_tokens: int | None = None
+    gpu_kernel_max_tokens = 16  # the Triton kernel is a GEMV (one program per token); prefill goes to cuBLAS
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, method: str, block_size: int,
@@ -88,7 +90,7 @@ class OnebitLinear(nn.Module):
                 and self._dense is None):
             return False
         if x.device.type == "cuda":
-            return kernels.triton_available()
+            return kernels.triton_available() and tokens <= self.gpu_kernel_max_tokens
         return x.device.type == "cpu" and kernels.extension() is not None
 
     def forward(self, x: Tensor) -> Tensor:
