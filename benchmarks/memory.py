@@ -89,8 +89,9 @@ SHAPES = {  # hidden, intermediate, layers, vocab, kv heads / heads
 }
 
 
-def braq_seconds_per_weight() -> float:
-    """Measured: braq on one random 4096×4096 linear (searches, fits, compensation), per weight."""
+def braq_rate() -> tuple[float, float]:
+    """Measured: braq on one random 4096×4096 linear (searches, fits, compensation): seconds per weight, and
+    its storage bpw (what a layer checkpoint holds per weight)."""
     import torch
 
     from onebit.engine.solver import quantize_linear
@@ -101,15 +102,15 @@ def braq_seconds_per_weight() -> float:
     x = torch.randn(4096, 8192)
     h = 2 * x @ x.T / 8192
     t0 = time.perf_counter()
-    quantize_linear(w, h, build_method("braq"))
-    return (time.perf_counter() - t0) / w.numel()
+    res = quantize_linear(w, h, build_method("braq"))
+    return (time.perf_counter() - t0) / w.numel(), res.bits.storage_bpw
 
 
-def plan(sec_per_weight: float, nsamples: int = 128, seqlen: int = 2048) -> None:
+def plan(sec_per_weight: float, bpw: float, nsamples: int = 128, seqlen: int = 2048) -> None:
     """Peak RAM and time per layer of a streamed run, from the shapes and the measured solve rate."""
     print(f"\nmemory plan, streamed, {nsamples} × {seqlen} calibration tokens, fp32 layer and activations")
     print("| model | layer weights fp32 (GiB) | Hessians + solve working set (GiB) | activations 3 × N×L×h fp32 (GiB) | "
-          "peak RAM ≈ (GiB) | layer checkpoints on disk, fp32 (GiB) | braq solve per layer, this CPU (min) |\n|---|---|---|---|---|---|---|")
+          "peak RAM ≈ (GiB) | braq layer checkpoints on disk (GiB) | braq solve per layer, this CPU (min) |\n|---|---|---|---|---|---|---|")
     for name, (h, ff, layers, vocab, kv) in SHAPES.items():
         linears = [(h, h), (int(h * kv), h), (int(h * kv), h), (h, h), (ff, h), (ff, h), (h, ff)]
         weights = sum(n * m for n, m in linears)
@@ -120,8 +121,8 @@ def plan(sec_per_weight: float, nsamples: int = 128, seqlen: int = 2048) -> None
         acts = 3 * nsamples * seqlen * h * 4 / 2**30  # the CLI computes in fp32
         emb = vocab * h * 4 / 2**30  # embeddings, materialized during capture only
         peak = layer + hess + acts + emb
-        disk = weights * layers * 4 / 2**30  # RUN/layers: fp32 fake-quant weights (block params are ~10x smaller)
-        print(f"| {name} | {layer:.2f} | {hess:.2f} | {acts:.2f} | {peak:.1f} | {disk:.0f} | "
+        disk = weights * layers * bpw / 8 / 2**30  # RUN/layers: the block parameters, bit planes packed
+        print(f"| {name} | {layer:.2f} | {hess:.2f} | {acts:.2f} | {peak:.1f} | {disk:.1f} | "
               f"{sec_per_weight * weights / 60:.1f} |")
 
 
@@ -133,9 +134,9 @@ def main() -> None:
     ap.add_argument("--plan-only", action="store_true", help="only measure braq's solve rate and print the plan")
     a = ap.parse_args()
     if a.plan_only:
-        rate = braq_seconds_per_weight()
-        print(f"braq solve rate on this CPU: {rate * 1e6:.2f} s per million weights (4096×4096 linear)")
-        plan(rate)
+        rate, bpw = braq_rate()
+        print(f"braq on this CPU (4096×4096 linear): {rate * 1e6:.2f} s per million weights, storage {bpw:.3f} bpw")
+        plan(rate, bpw)
         return
     from onebit.models.loading import default_model_dir
 

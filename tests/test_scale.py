@@ -138,3 +138,27 @@ def test_torchrun_two_processes_match_one(tmp_path):
     ra, rb = _report(one), _report(two)
     assert ra["paper"] == rb["paper"] and ra["storage"] == rb["storage"]
     assert ra["ppl"]["wikitext2"] == pytest.approx(rb["ppl"]["wikitext2"], rel=1e-4)
+
+
+def test_layer_files_hold_blocks_not_weights(tmp_path, caplog):
+    """Weights are rebuilt from the stored blocks (bit-exact), not stored again in fp32; a reader without the
+    run's method refuses the file; weights the blocks do not reproduce are stored as they are."""
+    from safetensors import safe_open
+
+    path = save_tiny_model_dir(tmp_path / "m", "llama", layers=2)
+    m = AutoModelForCausalLM.from_pretrained(path)
+    ck = LayerCheckpoint(tmp_path / "ck", {"method": "braq"})
+    quantize(m, QuantConfig(method="braq"), random_ids(3, 16), checkpoint=ck)
+    with safe_open(ck.path(0), framework="pt") as f:
+        assert not [k for k in f.keys() if ".blocks." not in k]
+    weights, record = ck.load(0)
+    modules = dict(m.model.layers[0].named_modules())
+    assert weights and all(torch.equal(w, modules[n].weight) for n, w in weights.items())
+    # the file ≈ the layer's storage bits (packed bit planes, fp16 scales) plus the safetensors header
+    storage = sum(r["bits"]["sign"] + r["bits"]["bitmap"] + r["bits"]["params"] for r in record["linears"])
+    assert ck.path(0).stat().st_size * 8 < 1.3 * storage
+    assert LayerCheckpoint(tmp_path / "ck", {"method": "braq"}).load(0) is None and "no method is bound" in caplog.text
+    odd = {n: w + 1 for n, w in weights.items()}
+    ck.save(0, odd, {n: ck.blocks(0, n) for n in weights}, record)
+    got, _ = ck.load(0)
+    assert all(torch.equal(got[n], odd[n]) for n in odd)

@@ -1,8 +1,11 @@
 """Per-layer checkpoints: each finished layer is written at once, atomically, so a killed run resumes.
 
-``RUN/layers/layer_00012.safetensors`` holds the layer's quantized linear weights (``{linear}.weight``),
-every block's stored parameters (``{linear}.blocks.{j}.{name}``, what a packer needs) and, in the metadata,
-the layer's report slice and a fingerprint of the run (model, method, engine and calibration settings).
+``RUN/layers/layer_00012.safetensors`` holds every block's stored parameters (``{linear}.blocks.{j}.{name}``,
+what a packer needs) and, in the metadata, the layer's report slice and a fingerprint of the run (model,
+method, engine and calibration settings). A linear's quantized weight is rebuilt from its blocks with the
+method's ``decode_block`` (the run binds its method: ``bind``); it is stored (``{linear}.weight``, fp32) only
+when the blocks do not reproduce it bit-exactly. Bit planes are stored packed (their shapes in the metadata),
+so a layer file holds about the storage bpw, not 32 bits per weight plus the blocks.
 A file is written to a temporary name, fsynced and renamed: a reader sees a whole file or none. On resume a
 file that is unreadable, truncated or from another configuration is never reused: the run restarts at the
 first layer without a valid file, and recomputes everything after it.
@@ -13,12 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..formats.bitpack import pack_bits, unpack_bits
+from ..methods.base import Binarizer, decode_linear
 
 log = logging.getLogger("onebit")
 
@@ -34,6 +41,21 @@ class LayerCheckpoint:
     def __init__(self, directory: str | Path, settings: dict[str, Any]) -> None:
         self.dir = Path(directory)
         self.fp = fingerprint(settings)
+        self.method: Binarizer | None = None
+        self.block_size = 0
+
+    def bind(self, method: Binarizer, block_size: int) -> None:
+        """The run's method and block size: what rebuilds weights from blocks (the fingerprint pins both)."""
+        self.method, self.block_size = method, block_size
+
+    def _decodes(self, w: Tensor, blocks: list[dict[str, Tensor]]) -> bool:
+        if self.method is None or not blocks:
+            return False
+        try:
+            q = decode_linear(self.method, blocks, tuple(w.shape), self.block_size)
+        except Exception:  # noqa: BLE001 - blocks that do not decode: store the weight itself
+            return False
+        return torch.equal(q.to("cpu", w.dtype), w.detach().cpu())
 
     def path(self, idx: int) -> Path:
         return self.dir / f"layer_{idx:05d}.safetensors"
@@ -41,15 +63,22 @@ class LayerCheckpoint:
     def save(self, idx: int, weights: dict[str, Tensor], blocks: dict[str, list[dict[str, Tensor]]], record: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
-        tensors = {f"{name}.weight": w.detach().cpu().contiguous() for name, w in weights.items()}
+        decoded = {name: str(w.dtype).removeprefix("torch.") for name, w in weights.items()
+                   if self._decodes(w, blocks.get(name, []))}
+        tensors = {f"{name}.weight": w.detach().cpu().contiguous() for name, w in weights.items() if name not in decoded}
+        bool_shapes = {}  # safetensors spends a byte per bool: bit planes are stored packed (formats.bitpack)
         for name, bl in blocks.items():
             for j, params in enumerate(bl):
                 for key, t in params.items():
-                    tensors[f"{name}.blocks.{j}.{key}"] = t.detach().cpu().contiguous()
+                    k = f"{name}.blocks.{j}.{key}"
+                    if t.dtype == torch.bool:
+                        bool_shapes[k] = list(t.shape)
+                        t = pack_bits(t.detach().cpu())
+                    tensors[k] = t.detach().cpu().contiguous()
         # safetensors sorts keys: keep each linear's parameter order (it is the packed format's layout)
         order = {name: list(bl[0]) for name, bl in blocks.items() if bl}
         meta = {"format": FORMAT, "fingerprint": self.fp, "layer": str(idx), "record": json.dumps(record),
-                "param_order": json.dumps(order)}
+                "param_order": json.dumps(order), "decoded": json.dumps(decoded), "bool_shapes": json.dumps(bool_shapes)}
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path(idx).with_suffix(f".tmp{os.getpid()}")
         save_file(tensors, tmp, metadata=meta)
@@ -74,6 +103,13 @@ class LayerCheckpoint:
                 keys = [k for k in f.keys() if k.endswith(".weight") and ".blocks." not in k] if weights else []
                 tensors = {k[: -len(".weight")]: f.get_tensor(k) for k in keys}
                 record = json.loads(meta["record"])
+                decoded = json.loads(meta.get("decoded", "{}")) if weights else {}
+                if decoded and self.method is None:
+                    raise RuntimeError("its weights are stored as blocks and no method is bound to decode them")
+            for name, dtype in decoded.items():
+                shape = next(tuple(r["shape"]) for r in record["linears"] if r["name"] == name)
+                w = decode_linear(self.method, self.blocks(idx, name), shape, self.block_size)
+                tensors[name] = w.to(getattr(torch, dtype))
         except Exception as e:  # truncated or corrupt: never reuse
             log.warning("%s is unreadable (%s): recomputing layer %d", path, e, idx)
             return None
@@ -86,18 +122,27 @@ class LayerCheckpoint:
         out: dict[int, dict[str, Tensor]] = {}
         prefix = f"{name}.blocks."
         with safe_open(self.path(idx), framework="pt") as f:
-            order = json.loads((f.metadata() or {}).get("param_order", "{}")).get(name)
+            meta = f.metadata() or {}
+            order = json.loads(meta.get("param_order", "{}")).get(name)
+            bool_shapes = json.loads(meta.get("bool_shapes", "{}"))
             for k in f.keys():
                 if k.startswith(prefix):
                     j, key = k[len(prefix) :].split(".", 1)
-                    out.setdefault(int(j), {})[key] = f.get_tensor(k)
+                    t = f.get_tensor(k)
+                    if k in bool_shapes:
+                        shape = bool_shapes[k]
+                        t = unpack_bits(t, math.prod(shape)).view(shape)
+                    out.setdefault(int(j), {})[key] = t
         blocks = [out[j] for j in sorted(out)]
         return blocks if order is None else [{key: b[key] for key in order} for b in blocks]
 
-    def weights(self, idx: int) -> dict[str, Tensor] | None:
-        """Overrides for a streamed model: relative parameter names → quantized weights."""
+    def weights(self, idx: int) -> dict[str, Tensor]:
+        """Overrides for a streamed model: relative parameter names → quantized weights (after a finished run:
+        a layer without a valid file is an error, never a silent fall-back to the float weights)."""
         got = self.load(idx)
-        return None if got is None else {f"{k}.weight": v for k, v in got[0].items()}
+        if got is None:
+            raise RuntimeError(f"{self.path(idx)}: no valid layer checkpoint (see the warning above)")
+        return {f"{k}.weight": v for k, v in got[0].items()}
 
 
 def set_weights(linears: dict[str, torch.nn.Linear], weights: dict[str, Tensor]) -> None:

@@ -152,6 +152,8 @@ def quantize_model_layers(
     """
     store = store or InMemoryLayers(model, adapter)
     buffers = buffers or ActivationBuffers()
+    if checkpoint is not None:
+        checkpoint.bind(method, opts.blocksize)
     store.materialize(adapter.pre_modules)
     inps, calls = capture_inputs(model, adapter, samples, opts.device, alloc=buffers)
     store.dematerialize(adapter.pre_modules)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..methods.base import PARAM_DTYPE, method_class, storage_bits
+from ..methods.base import PARAM_DTYPE, block_widths, decode_linear, method_class, storage_bits
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 
 QUANT_METHOD = "onebit"
@@ -147,11 +147,6 @@ class PackedLinear:
         return self.bits.numel() + 2 * self.fp16.numel()
 
     # -- decoding ---------------------------------------------------------------------------------------
-    def block_widths(self) -> list[int]:
-        """Each block's column count: ``block_size`` columns, the last block narrower."""
-        m, b = self.shape[1], self.block_size
-        return [min(b, m - s) for s in range(0, m, b)]
-
     def blocks(self) -> list[dict[str, Tensor]]:
         """The per-block stored forms, exactly as the method produced them."""
         flat = unpack_bits(self.bits, self.nbits())
@@ -173,9 +168,7 @@ class PackedLinear:
 
     def dequantize(self) -> Tensor:
         """The dense fp32 weight, decoded block by block with the method's own ``decode_block``."""
-        method = method_class(self.method)()
-        cols = [method.decode_block(b, (self.shape[0], w)).float() for b, w in zip(self.blocks(), self.block_widths())]
-        return torch.cat(cols, 1)
+        return decode_linear(method_class(self.method)(), self.blocks(), self.shape, self.block_size)
 
     # -- validation -------------------------------------------------------------------------------------
     def validate(self, entry: dict[str, Any] | None = None, name: str = "linear") -> None:
@@ -191,10 +184,11 @@ class PackedLinear:
                 f"{name}: streams hold {self.bits.numel()} bytes / {self.fp16.numel()} floats but the index needs "
                 f"{packed_nbytes(self.nbits())} / {int(nfp[:, kinds].sum())} (truncated or corrupted checkpoint)"
             )
-        if self.index.shape[0] != len(self.block_widths()):
+        nblocks = len(block_widths(self.shape[1], self.block_size))
+        if self.index.shape[0] != nblocks:
             raise PackedFormatError(
                 f"{name}: {self.index.shape[0]} blocks stored, a {self.shape} weight in blocks of {self.block_size} "
-                f"has {len(self.block_widths())} (shape mismatch)"
+                f"has {nblocks} (shape mismatch)"
             )
         if entry is None:
             return

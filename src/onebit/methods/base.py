@@ -105,6 +105,21 @@ class Binarizer(Protocol):
         ...
 
 
+def block_widths(in_features: int, block_size: int) -> list[int]:
+    """Each column block's width: ``block_size`` columns, the last block narrower."""
+    return [min(block_size, in_features - s) for s in range(0, in_features, block_size)]
+
+
+def decode_linear(method: Binarizer, blocks: list[dict[str, Tensor]], shape: tuple[int, int], block_size: int) -> Tensor:
+    """A linear's dense fp32 weight from its per-block stored forms (blocks of ``block_size`` columns, the last
+    narrower), decoded with the method's own ``decode_block``."""
+    n, m = shape
+    widths = block_widths(m, block_size)
+    if len(widths) != len(blocks):
+        raise ValueError(f"{len(blocks)} blocks for a {shape} weight in blocks of {block_size} (needs {len(widths)})")
+    return torch.cat([method.decode_block(b, (n, w)).float() for b, w in zip(blocks, widths)], 1)
+
+
 def storage_bits(params: dict[str, Tensor]) -> int:
     """Bits of a block's stored form under the BlockResult convention (bool → 1 bit, float → fp16)."""
     return sum(t.numel() * (1 if t.dtype == torch.bool else PARAM_BITS) for t in params.values())
