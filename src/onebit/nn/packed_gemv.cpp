@@ -16,7 +16,7 @@
 #include <ATen/Parallel.h>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define ONEBIT_AVX512 1
 #endif
@@ -264,6 +264,7 @@ torch::Tensor packed_gemm(torch::Tensor x, torch::Tensor bits, torch::Tensor fp1
     for (int64_t j = 0; j < nblk; ++j) {
         const int64_t* r = tab + j * kCols;
         const int64_t w = r[kWidth], k = r[kK];
+        TORCH_CHECK(w <= 65535, "block ", j, " is ", w, " columns wide; the kernel handles at most 65535");
         aligned = aligned && r[kS1] % 16 == 0 && (layout == 0 || (r[kS2] % 16 == 0 && r[kSp] % 16 == 0));
         if (layout == 0) continue;
         int64_t nsal = 0;
