@@ -6,7 +6,8 @@
     ONEBIT_KERNEL_MARCH=x86-64-v3 python benchmarks/packed_matmul.py kernels   # what AVX2 CPUs get (-march)
     python benchmarks/packed_matmul.py e2e PACKED_DIR FP_DIR   # tokens/s and resident memory, packed vs fp
 
-Kernel timings use synthetic packed weights (random bits, 8 % salient columns for braq): the kernel's work
+Kernel timings use synthetic packed weights (random bits, 8 % salient columns for braq and arb-rc; arb-rc
+as quantized by default: num_p = 1 with CGB): the kernel's work
 depends on the layout and the salient fraction, not on the values. Dense and packed runs alternate, so
 machine load hits both alike; each figure is the median of ``--reps`` calls.
 """
@@ -38,8 +39,12 @@ def synth_blocks(method: str, n: int, m: int, block: int = 128, salient: float =
         k = max(1, round(salient * w))
         cols = torch.zeros(w, dtype=torch.bool)
         cols[torch.randperm(w, generator=g)[:k]] = True
-        out.append({"salient_cols": cols, "signs": bits(n, w), "signs2": bits(n, k), "sparse": bits(n, w - k),
-                    "mu": floats(n, 3), "alpha": floats(n, 4)})
+        planes = {"salient_cols": cols, "signs": bits(n, w), "signs2": bits(n, k), "sparse": bits(n, w - k)}
+        if method == "arb-rc":
+            out.append({**planes, "sal_sparse": bits(n, k), "alpha_r": floats(n, 6), "alpha_c": floats(2, w - k),
+                        "alpha_c_sal": floats(4, k)})
+        else:
+            out.append({**planes, "mu": floats(n, 3), "alpha": floats(n, 4)})
     return out
 
 
@@ -70,7 +75,7 @@ def kernels(reps: int, batches: list[int]) -> list[dict]:
     rows = []
     for n, m in ((4096, 4096), (4096, 11008)):
         w = torch.randn(n, m)
-        for method in ("sign", "braq"):
+        for method in ("sign", "braq", "arb-rc"):
             packed = PackedLinear.from_blocks(method, synth_blocks(method, n, m), (n, m), 128)
             mod = OnebitLinear.from_packed(packed)
             for batch in batches:

@@ -31,11 +31,15 @@ FAST = settings(max_examples=2, deadline=None, suppress_health_check=[HealthChec
 
 
 @lru_cache(maxsize=None)
-def quantized(method: str, n: int, m: int, block: int, seed: int = 0):
+def quantized(method: str, n: int, m: int, block: int, seed: int = 0, options: tuple = ()):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, m, generator=g)
     x = torch.randn(4 * m, m, generator=g)
-    return quantize_linear(w, x.T @ x / x.shape[0], build_method(method), block)
+    return quantize_linear(w, x.T @ x / x.shape[0], build_method(method, **dict(options)), block)
+
+
+# every kernel layout, with method options whose stored form it reads (arb-x's default CGB changes the form)
+KERNEL_CASES = {m: (("cgb", False),) if m == "arb-x" else () for m in kernels.KERNEL_LAYOUTS}
 
 
 # ---- bit packing ----------------------------------------------------------------------------------------
@@ -119,14 +123,14 @@ def test_token_limit_and_dense_cache():
     assert mod._dense is None
 
 
-@pytest.mark.parametrize("method", sorted(kernels.KERNEL_LAYOUTS))
+@pytest.mark.parametrize("method", sorted(KERNEL_CASES))
 @pytest.mark.parametrize("n, m, block", [(21, 200, 64), (48, 256, 128), (40, 384, 128)])
 def test_kernel_is_used_and_matches(method, n, m, block):
     """Odd shapes (unaligned words), whole 16-row tiles at aligned offsets (one-load words) and a short last
     tile, for 1 to 16 tokens (token passes of 8, 4 and 1)."""
     if kernels.extension() is None:
         pytest.skip("C++ extension could not be built here")
-    res = quantized(method, n, m, block)
+    res = quantized(method, n, m, block, options=KERNEL_CASES[method])
     mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), block))
     for tokens in (1, 3, 13, 16):
         x = torch.randn(tokens, m)
@@ -136,7 +140,7 @@ def test_kernel_is_used_and_matches(method, n, m, block):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(kernels.KERNEL_LAYOUTS))
+@pytest.mark.parametrize("method", sorted(KERNEL_CASES))
 def test_portable_kernel_matches(method):
     """The non-AVX-512 build (what machines without AVX-512 compile) against the dense product."""
     import platform
@@ -145,12 +149,24 @@ def test_portable_kernel_matches(method):
         pytest.skip("the portable build targets x86-64-v2")
     ext = kernels.build("x86-64-v2")
     assert not ext.has_avx512()
-    res = quantized(method, 19, 333, 128)
+    res = quantized(method, 19, 333, 128, options=KERNEL_CASES[method])
     mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (19, 333), 128))
     for tokens in (1, 5, 13):
         x = torch.randn(tokens, 333)
         y = ext.packed_gemm(x, mod.packed_bits, mod.packed_fp16, mod._table, 19, mod._layout_id)
         torch.testing.assert_close(y, F.linear(x, res.q), atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_refuses_row_tile_collision():
+    """arb-rc's per-column ``alpha_c`` is 2 × (w − k): in a 2-row linear the format stores it in row tiles,
+    which the kernel does not read that way, so such a linear takes the reference path (still exact)."""
+    res = quantized("arb-rc", 2, 200, 64)
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks("arb-rc", res.blocks, (2, 200), 64))
+    assert mod._layout_id is None
+    three = quantized("arb-rc", 3, 200, 64)  # 3 rows: no collision, the kernel
+    assert OnebitLinear.from_packed(PackedLinear.from_blocks("arb-rc", three.blocks, (3, 200), 64))._layout_id == 2
+    x = torch.randn(3, 200)
+    torch.testing.assert_close(mod(x), (x.double() @ res.q.double().T).float(), atol=1e-4, rtol=1e-4)
 
 
 def test_kernel_reads_any_parameter_order():
@@ -190,7 +206,8 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("method", sorted(kernels.KERNEL_LAYOUTS))
+@pytest.mark.parametrize("method", sorted(m for m, (lid, _) in kernels.KERNEL_LAYOUTS.items()
+                                           if lid in kernels.TRITON_LAYOUTS and not KERNEL_CASES[m]))
 def test_triton_kernel_matches(method):
     """The CUDA kernel's code, run by Triton's interpreter on CPU tensors (a fresh process: the interpreter
     must be chosen before triton is first imported), against the dense product."""

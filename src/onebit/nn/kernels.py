@@ -1,5 +1,6 @@
 """The packed GEMV kernels: a C++ extension (``packed_gemv.cpp``, built with gcc on first use) for the
-``sign`` and ``braq`` layouts, and the block tables it (and the Triton kernel, ``triton_gemv.py``) reads.
+``sign``, ``braq`` (also arb/arb-x in braq's form) and ``arb-rc`` layouts, and the block tables it (and the
+Triton kernel, ``triton_gemv.py``: sign and braq) reads.
 
 The extension reads the checkpoint's own streams (no repacking, so resident memory = storage bytes). Other
 methods, and machines where the build fails, use the pure-PyTorch reference path in ``linear.py``.
@@ -17,15 +18,29 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..formats.packed import row_wise
+
 log = logging.getLogger(__name__)
 
-# method → (kernel layout id, the parameter layout it reads)
+_BRAQ = [["salient_cols", "bits"], ["signs", "bits"], ["signs2", "bits"], ["sparse", "bits"], ["mu", "fp16"],
+         ["alpha", "fp16"]]
+# method → (kernel layout id, the parameter layout it reads). arb/arb-x without CGB and with num_p = 1
+# store exactly braq's form (methods/arb.py), so they run braq's kernel; other options change the
+# parameters and fall back to the reference path.
 KERNEL_LAYOUTS: dict[str, tuple[int, list[list[str]]]] = {
     "sign": (0, [["signs", "bits"], ["mu", "fp16"], ["alpha", "fp16"]]),
-    "braq": (1, [["salient_cols", "bits"], ["signs", "bits"], ["signs2", "bits"], ["sparse", "bits"],
-                 ["mu", "fp16"], ["alpha", "fp16"]]),
+    "braq": (1, _BRAQ),
+    "arb": (1, _BRAQ),
+    "arb-x": (1, _BRAQ),
+    "arb-rc": (2, [["salient_cols", "bits"], ["signs", "bits"], ["signs2", "bits"], ["sparse", "bits"],
+                   ["sal_sparse", "bits"], ["alpha_r", "fp16"], ["alpha_c", "fp16"], ["alpha_c_sal", "fp16"]]),
 }
-TABLE_COLUMNS = ("start", "width", "k", "signs", "signs2", "sparse", "salient_cols", "mu", "alpha")
+TRITON_LAYOUTS = (0, 1)  # the layouts the CUDA kernel (triton_gemv.py) reads
+# the kernels read these parameters in row tiles, the others flat (formats/packed.py: row_wise)
+ROW_WISE = ("signs", "signs2", "sparse", "sal_sparse", "mu", "alpha", "alpha_r")
+# appended columns keep the first nine where triton_gemv.py reads them
+TABLE_COLUMNS = ("start", "width", "k", "signs", "signs2", "sparse", "salient_cols", "mu", "alpha", "sal_sparse",
+                 "alpha_r", "alpha_c", "alpha_c_sal")
 
 
 @lru_cache(maxsize=1)
@@ -62,12 +77,20 @@ def build(march: str = "native") -> ModuleType:
     return load(name, [str(src)], extra_cflags=["-O3", arch, "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
-def kernel_layout(method: str, layout: list[list[str]]) -> int | None:
-    """The kernel layout id for a method's parameter layout (its parameters in any order), or None (reference path)."""
+def kernel_layout(method: str, layout: list[list[str]], index: Tensor, out_features: int) -> int | None:
+    """The kernel layout id for a method's parameter layout (its parameters in any order), or None (reference
+    path). Also None where the format's row-tile rule disagrees with the kernel: a per-column tensor whose
+    first dimension happens to equal out_features is stored in row tiles (e.g. arb-rc's 2 × w ``alpha_c``
+    of a 2-row linear)."""
     entry = KERNEL_LAYOUTS.get(method)
     # any parameter order: ``block_table`` locates every parameter by name
-    same = entry is not None and sorted(map(tuple, entry[1])) == sorted(map(tuple, layout))
-    return entry[0] if same else None
+    if entry is None or sorted(map(tuple, entry[1])) != sorted(map(tuple, layout)):
+        return None
+    for p, (name, _) in enumerate(layout):
+        ndim, d0, d1 = index[0, p].tolist()
+        if row_wise((d0, d1)[:ndim], out_features) != (name in ROW_WISE):
+            return None
+    return entry[0]
 
 
 def block_table(index: Tensor, layout: list[list[str]], block_size: int, in_features: int) -> Tensor:

@@ -1,8 +1,9 @@
 """``OnebitLinear``: a linear layer that keeps its weight in the packed storage form.
 
 Forward paths, chosen per call:
-* packed kernel (C++ on the CPU, ``kernels.py``; Triton on CUDA, ``triton_gemv.py``) for ``sign``/``braq``
-  layouts: y = Ŵx straight from the bit and fp16 streams, no dense weight built. Any token count by default
+* packed kernel (C++ on the CPU, ``kernels.py``; Triton on CUDA, ``triton_gemv.py``) for the layouts in
+  ``kernels.KERNEL_LAYOUTS`` (sign, braq and arb in braq's form, arb-rc; Triton: sign and braq): y = Ŵx
+  straight from the bit and fp16 streams, no dense weight built. Any token count by default
   (``kernel_max_tokens`` = None): on the AVX-512 CPU it was measured on, it beats dense fp32 ``torch.matmul``
   from 1 to 2048 tokens (benchmarks/packed_matmul.py), so decoding and prefill both use it. The Triton
   kernel is a GEMV: on CUDA it takes at most ``gpu_kernel_max_tokens`` (16), prefill runs dense;
@@ -71,7 +72,7 @@ class OnebitLinear(nn.Module):
         self.packed_fp16 = self.packed_fp16.to(torch.float16)
         self._dense = None
         self._gpu_tables = None
-        self._layout_id = kernels.kernel_layout(self.method, self.layout)
+        self._layout_id = kernels.kernel_layout(self.method, self.layout, self.packed_index.cpu(), self.out_features)
         if self._layout_id is not None:
             self._table = kernels.block_table(self.packed_index.cpu(), self.layout, self.block_size, self.in_features)
 
@@ -90,7 +91,8 @@ class OnebitLinear(nn.Module):
                 and self._dense is None):
             return False
         if x.device.type == "cuda":
-            return kernels.triton_available() and tokens <= self.gpu_kernel_max_tokens
+            return (kernels.triton_available() and self._layout_id in kernels.TRITON_LAYOUTS
+                    and tokens <= self.gpu_kernel_max_tokens)
         return x.device.type == "cpu" and kernels.extension() is not None
 
     def forward(self, x: Tensor) -> Tensor:

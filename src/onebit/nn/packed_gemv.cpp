@@ -10,8 +10,13 @@
 //     sparse (n × (w − k), non-salient columns), mu (n × 3: conc, sparse, salient), alpha (n × 4: conc,
 //     sparse, salient first, salient second plane):
 //     non-salient: ŵ = sparse ? μs ± αs : μc ± αc;   salient: ŵ = μsal ± α1 ± α2
-// Block table rows (int64): start, width, k, s1_off, s2_off, sp_off, col_off, mu_off, al_off
-// (bit offsets into the bit stream, element offsets into the fp16 stream).
+// layout 2 ("arb-rc", num_p = 1 with CGB): per block: salient_cols, signs, signs2, sparse as braq, sal_sparse
+//     (n × k, salient zone bit), alpha_r (n × 6: one row scale per plane), alpha_c (2 × (w − k): column scale
+//     of each non-salient zone), alpha_c_sal (4 × k: of each salient zone's two planes):
+//     non-salient, zone z: ŵ = ±αr[z]·αc[z][col];   salient, zone z: ŵ = ±αr[2+2z]·αcs[2z][col] ± αr[3+2z]·αcs[2z+1][col]
+// Block table rows (int64): start, width, k, then the offset of signs, signs2, sparse, salient_cols, mu, alpha,
+// sal_sparse, alpha_r, alpha_c, alpha_c_sal (bit offsets into the bit stream, element offsets into the fp16
+// stream; kernels/TABLE_COLUMNS).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
@@ -24,7 +29,8 @@
 namespace {
 
 constexpr int kTile = 16;  // rows per tile (formats/packed.py TILE)
-constexpr int kStart = 0, kWidth = 1, kK = 2, kS1 = 3, kS2 = 4, kSp = 5, kCol = 6, kMu = 7, kAl = 8, kCols = 9;
+constexpr int kStart = 0, kWidth = 1, kK = 2, kS1 = 3, kS2 = 4, kSp = 5, kCol = 6, kMu = 7, kAl = 8, kSsp = 9,
+              kAr = 10, kAc = 11, kAcs = 12, kCols = 13;
 
 // Up to 16 bits starting at bit ``off`` (LSB-first), for unaligned words (odd shapes, the last short tile).
 inline uint32_t read_bits(const uint8_t* p, int64_t nbytes, int64_t off, int nb) {
@@ -46,6 +52,7 @@ inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vset(float a) { return _mm512_set1_ps(a); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 using Sel = __mmask16;  // lane l selected when bit l of a 16-bit word is set
 inline Sel vmask(uint32_t word) { return static_cast<__mmask16>(word); }
@@ -90,6 +97,7 @@ inline Vec vzero() { return each<VN>([] { return VN{}; }); }
 inline Vec vset(float a) { return each<VN>([a] { return VN{} + a; }); }
 inline Vec vadd(const Vec& a, const Vec& b) { return each<VN>([](VN x, VN y) { return x + y; }, a, b); }
 inline Vec vsub(const Vec& a, const Vec& b) { return each<VN>([](VN x, VN y) { return x - y; }, a, b); }
+inline Vec vmul(const Vec& a, const Vec& b) { return each<VN>([](VN x, VN y) { return x * y; }, a, b); }
 inline Vec vfma(const Vec& a, const Vec& b, const Vec& c) {
     return each<VN>([](VN x, VN y, VN z) { return x * y + z; }, a, b, c);
 }
@@ -207,12 +215,34 @@ void tile_kernel(const Problem& P, int64_t g, int64_t t0) {
             });
             continue;
         }
-        const auto mu = view(r[kMu], 3), al = view(r[kAl], 4), sp = view(r[kSp], w - k), s2 = view(r[kS2], k);
+        const auto sp = view(r[kSp], w - k), s2 = view(r[kS2], k);
+        const uint16_t* ord = P.order + r[kStart];
+        if (P.layout == 2) {
+            const auto ar = view(r[kAr], 6), ssp = view(r[kSsp], k);
+            const Vec r0 = ar.coef(0), r1 = ar.coef(1), r2 = ar.coef(2), r3 = ar.coef(3), r4 = ar.coef(4),
+                      r5 = ar.coef(5);
+            const at::Half* ac = P.hp + r[kAc];    // (2, w − k), row-major
+            const at::Half* acs = P.hp + r[kAcs];  // (4, k)
+            auto signed_ = [](const Sel& s, Vec v) { return vselect(s, vsub(vzero(), v), v); };
+            columns<TT, NA>(acc, w - k, x, P.m, [&](int64_t q, int64_t& col) {
+                col = ord[q];
+                const Vec v = vselect(vmask(sp.word(q)), vmul(r0, vset(ac[q])), vmul(r1, vset(ac[w - k + q])));
+                return signed_(vmask(s1.word(col)), v);
+            });
+            columns<TT, NA>(acc, k, x, P.m, [&](int64_t q, int64_t& col) {
+                col = ord[w - k + q];
+                const Sel z = vmask(ssp.word(q));
+                const Vec v1 = vselect(z, vmul(r2, vset(acs[q])), vmul(r4, vset(acs[2 * k + q])));
+                const Vec v2 = vselect(z, vmul(r3, vset(acs[k + q])), vmul(r5, vset(acs[3 * k + q])));
+                return vadd(signed_(vmask(s1.word(col)), v1), signed_(vmask(s2.word(q)), v2));
+            });
+            continue;
+        }
+        const auto mu = view(r[kMu], 3), al = view(r[kAl], 4);
         const Vec mc = mu.coef(0), ms = mu.coef(1), msal = mu.coef(2);
         const Vec ac = al.coef(0), as = al.coef(1), a1 = al.coef(2), a2 = al.coef(3);
         const Vec c_lo = vsub(mc, ac), c_hi = vadd(mc, ac), s_lo = vsub(ms, as), s_hi = vadd(ms, as);
         const Vec sal_lo = vsub(msal, a1), sal_hi = vadd(msal, a1), a2_lo = vsub(vzero(), a2);
-        const uint16_t* ord = P.order + r[kStart];
         columns<TT, NA>(acc, w - k, x, P.m, [&](int64_t q, int64_t& col) {
             col = ord[q];
             const Sel b1 = vmask(s1.word(col));
@@ -249,7 +279,7 @@ torch::Tensor packed_gemm(torch::Tensor x, torch::Tensor bits, torch::Tensor fp1
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be (tokens, in_features) float32");
     TORCH_CHECK(bits.scalar_type() == torch::kUInt8 && fp16.scalar_type() == torch::kHalf, "bad stream dtypes");
     TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.size(1) == kCols, "bad block table");
-    TORCH_CHECK(layout == 0 || layout == 1, "unknown layout");
+    TORCH_CHECK(layout >= 0 && layout <= 2, "unknown layout");
     auto xc = x.contiguous();
     auto tab_c = table.contiguous();
     const int64_t T = xc.size(0), m = xc.size(1), nblk = tab_c.size(0);
@@ -259,13 +289,14 @@ torch::Tensor packed_gemm(torch::Tensor x, torch::Tensor bits, torch::Tensor fp1
 
     // braq: each block's non-salient columns then its salient ones (from the block's salient_cols bitmap);
     // full tiles take the one-load word path when every row-wise bit tensor starts 16-bit aligned
-    std::vector<uint16_t> order(layout == 1 ? m : 0);
+    std::vector<uint16_t> order(layout == 0 ? 0 : m);
     bool aligned = true;
     for (int64_t j = 0; j < nblk; ++j) {
         const int64_t* r = tab + j * kCols;
         const int64_t w = r[kWidth], k = r[kK];
         TORCH_CHECK(w <= 65535, "block ", j, " is ", w, " columns wide; the kernel handles at most 65535");
-        aligned = aligned && r[kS1] % 16 == 0 && (layout == 0 || (r[kS2] % 16 == 0 && r[kSp] % 16 == 0));
+        aligned = aligned && r[kS1] % 16 == 0 && (layout == 0 || (r[kS2] % 16 == 0 && r[kSp] % 16 == 0)) &&
+                  (layout != 2 || r[kSsp] % 16 == 0);
         if (layout == 0) continue;
         int64_t nsal = 0;
         for (int64_t c = 0; c < w; ++c) nsal += read_bits(bp, nbytes, r[kCol] + c, 1);
