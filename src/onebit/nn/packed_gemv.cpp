@@ -219,21 +219,22 @@ void tile_kernel(const Problem& P, int64_t g, int64_t t0) {
         const uint16_t* ord = P.order + r[kStart];
         if (P.layout == 2) {
             const auto ar = view(r[kAr], 6), ssp = view(r[kSsp], k);
-            const Vec r0 = ar.coef(0), r1 = ar.coef(1), r2 = ar.coef(2), r3 = ar.coef(3), r4 = ar.coef(4),
-                      r5 = ar.coef(5);
+            // row scale of each plane: non-salient zones 0, 1; salient zone 0 planes 2, 3; zone 1 planes 4, 5
+            const Vec rs0 = ar.coef(0), rs1 = ar.coef(1), rs2 = ar.coef(2), rs3 = ar.coef(3), rs4 = ar.coef(4),
+                      rs5 = ar.coef(5);
             const at::Half* ac = P.hp + r[kAc];    // (2, w − k), row-major
             const at::Half* acs = P.hp + r[kAcs];  // (4, k)
             auto signed_ = [](const Sel& s, Vec v) { return vselect(s, vsub(vzero(), v), v); };
             columns<TT, NA>(acc, w - k, x, P.m, [&](int64_t q, int64_t& col) {
                 col = ord[q];
-                const Vec v = vselect(vmask(sp.word(q)), vmul(r0, vset(ac[q])), vmul(r1, vset(ac[w - k + q])));
+                const Vec v = vselect(vmask(sp.word(q)), vmul(rs0, vset(ac[q])), vmul(rs1, vset(ac[w - k + q])));
                 return signed_(vmask(s1.word(col)), v);
             });
             columns<TT, NA>(acc, k, x, P.m, [&](int64_t q, int64_t& col) {
                 col = ord[w - k + q];
                 const Sel z = vmask(ssp.word(q));
-                const Vec v1 = vselect(z, vmul(r2, vset(acs[q])), vmul(r4, vset(acs[2 * k + q])));
-                const Vec v2 = vselect(z, vmul(r3, vset(acs[k + q])), vmul(r5, vset(acs[3 * k + q])));
+                const Vec v1 = vselect(z, vmul(rs2, vset(acs[q])), vmul(rs4, vset(acs[2 * k + q])));
+                const Vec v2 = vselect(z, vmul(rs3, vset(acs[k + q])), vmul(rs5, vset(acs[3 * k + q])));
                 return vadd(signed_(vmask(s1.word(col)), v1), signed_(vmask(s2.word(q)), v2));
             });
             continue;
