@@ -6,8 +6,8 @@
     ONEBIT_KERNEL_MARCH=x86-64-v3 python benchmarks/packed_matmul.py kernels   # what AVX2 CPUs get (-march)
     python benchmarks/packed_matmul.py e2e PACKED_DIR FP_DIR   # tokens/s and resident memory, packed vs fp
 
-Kernel timings use synthetic packed weights (random bits, 8 % salient columns for braq and arb-rc; arb-rc
-as quantized by default: num_p = 1 with CGB): the kernel's work
+Kernel timings use synthetic packed weights (random bits, 8 % salient columns; arb-x and arb-rc as
+quantized by default: num_p = 1 with CGB): the kernel's work
 depends on the layout and the salient fraction, not on the values. Dense and packed runs alternate, so
 machine load hits both alike; each figure is the median of ``--reps`` calls.
 """
@@ -43,6 +43,8 @@ def synth_blocks(method: str, n: int, m: int, block: int = 128, salient: float =
         if method == "arb-rc":
             out.append({**planes, "sal_sparse": bits(n, k), "alpha_r": floats(n, 6), "alpha_c": floats(2, w - k),
                         "alpha_c_sal": floats(4, k)})
+        elif method == "arb-x":  # with CGB (its default): a salient zone bit, 4 means and 6 scales per row
+            out.append({**planes, "sal_sparse": bits(n, k), "mu": floats(n, 4), "alpha": floats(n, 6)})
         else:
             out.append({**planes, "mu": floats(n, 3), "alpha": floats(n, 4)})
     return out
@@ -75,7 +77,7 @@ def kernels(reps: int, batches: list[int]) -> list[dict]:
     rows = []
     for n, m in ((4096, 4096), (4096, 11008)):
         w = torch.randn(n, m)
-        for method in ("sign", "braq", "arb-rc"):
+        for method in ("sign", "braq", "arb-x", "arb-rc"):
             packed = PackedLinear.from_blocks(method, synth_blocks(method, n, m), (n, m), 128)
             mod = OnebitLinear.from_packed(packed)
             for batch in batches:

@@ -38,8 +38,11 @@ def quantized(method: str, n: int, m: int, block: int, seed: int = 0, options: t
     return quantize_linear(w, x.T @ x / x.shape[0], build_method(method, **dict(options)), block)
 
 
-# every kernel layout, with method options whose stored form it reads (arb-x's default CGB changes the form)
-KERNEL_CASES = {m: (("cgb", False),) if m == "arb-x" else () for m in kernels.KERNEL_LAYOUTS}
+# case → (method, options, the kernel layout its stored form gets): every layout, every method that has one
+KERNEL_CASES = {
+    "sign": ("sign", (), 0), "braq": ("braq", (), 1), "arb": ("arb", (), 1), "arb-x-nocgb": ("arb-x", (("cgb", False),), 1),
+    "arb-rc": ("arb-rc", (), 2), "arb-cgb": ("arb", (("cgb", True),), 3), "arb-x": ("arb-x", (), 3),
+}
 
 
 # ---- bit packing ----------------------------------------------------------------------------------------
@@ -123,15 +126,17 @@ def test_token_limit_and_dense_cache():
     assert mod._dense is None
 
 
-@pytest.mark.parametrize("method", sorted(KERNEL_CASES))
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
 @pytest.mark.parametrize("n, m, block", [(21, 200, 64), (48, 256, 128), (40, 384, 128)])
-def test_kernel_is_used_and_matches(method, n, m, block):
+def test_kernel_is_used_and_matches(case, n, m, block):
     """Odd shapes (unaligned words), whole 16-row tiles at aligned offsets (one-load words) and a short last
     tile, for 1 to 16 tokens (token passes of 8, 4 and 1)."""
     if kernels.extension() is None:
         pytest.skip("C++ extension could not be built here")
-    res = quantized(method, n, m, block, options=KERNEL_CASES[method])
+    method, options, layout_id = KERNEL_CASES[case]
+    res = quantized(method, n, m, block, options=options)
     mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), block))
+    assert mod._layout_id == layout_id
     for tokens in (1, 3, 13, 16):
         x = torch.randn(tokens, m)
         assert mod.kernel_ok(tokens, x)
@@ -140,8 +145,8 @@ def test_kernel_is_used_and_matches(method, n, m, block):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(KERNEL_CASES))
-def test_portable_kernel_matches(method):
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
+def test_portable_kernel_matches(case):
     """The non-AVX-512 build (what machines without AVX-512 compile) against the dense product."""
     import platform
 
@@ -149,7 +154,8 @@ def test_portable_kernel_matches(method):
         pytest.skip("the portable build targets x86-64-v2")
     ext = kernels.build("x86-64-v2")
     assert not ext.has_avx512()
-    res = quantized(method, 19, 333, 128, options=KERNEL_CASES[method])
+    method, options, _ = KERNEL_CASES[case]
+    res = quantized(method, 19, 333, 128, options=options)
     mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (19, 333), 128))
     for tokens in (1, 5, 13):
         x = torch.randn(tokens, 333)
@@ -206,8 +212,8 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("method", sorted(m for m, (lid, _) in kernels.KERNEL_LAYOUTS.items()
-                                           if lid in kernels.TRITON_LAYOUTS and not KERNEL_CASES[m]))
+@pytest.mark.parametrize("method", sorted(m for m, opts, lid in KERNEL_CASES.values()
+                                           if lid in kernels.TRITON_LAYOUTS and not opts))
 def test_triton_kernel_matches(method):
     """The CUDA kernel's code, run by Triton's interpreter on CPU tensors (a fresh process: the interpreter
     must be chosen before triton is first imported), against the dense product."""

@@ -1,5 +1,5 @@
 """The packed GEMV kernels: a C++ extension (``packed_gemv.cpp``, built with gcc on first use) for the
-``sign``, ``braq`` (also arb/arb-x in braq's form) and ``arb-rc`` layouts, and the block tables it (and the
+``sign``, ``braq`` (also arb/arb-x in braq's form), ``arb-rc`` and arb/arb-x + CGB layouts, and the block tables it (and the
 Triton kernel, ``triton_gemv.py``: sign and braq) reads.
 
 The extension reads the checkpoint's own streams (no repacking, so resident memory = storage bytes). Other
@@ -24,16 +24,17 @@ log = logging.getLogger(__name__)
 
 _BRAQ = [["salient_cols", "bits"], ["signs", "bits"], ["signs2", "bits"], ["sparse", "bits"], ["mu", "fp16"],
          ["alpha", "fp16"]]
-# method → (kernel layout id, the parameter layout it reads). arb/arb-x without CGB and with num_p = 1
-# store exactly braq's form (methods/arb.py), so they run braq's kernel; other options change the
-# parameters and fall back to the reference path.
-KERNEL_LAYOUTS: dict[str, tuple[int, list[list[str]]]] = {
-    "sign": (0, [["signs", "bits"], ["mu", "fp16"], ["alpha", "fp16"]]),
-    "braq": (1, _BRAQ),
-    "arb": (1, _BRAQ),
-    "arb-x": (1, _BRAQ),
-    "arb-rc": (2, [["salient_cols", "bits"], ["signs", "bits"], ["signs2", "bits"], ["sparse", "bits"],
-                   ["sal_sparse", "bits"], ["alpha_r", "fp16"], ["alpha_c", "fp16"], ["alpha_c_sal", "fp16"]]),
+_ARB_CGB = _BRAQ + [["sal_sparse", "bits"]]
+# method → [(kernel layout id, the parameter layout it reads)], with num_p = 1: arb/arb-x without CGB store
+# exactly braq's form (methods/arb.py) and run braq's kernel, with CGB braq's plus a salient zone bit;
+# arb-rc (CGB by default) its own. Other options change the parameters: the reference path.
+KERNEL_LAYOUTS: dict[str, list[tuple[int, list[list[str]]]]] = {
+    "sign": [(0, [["signs", "bits"], ["mu", "fp16"], ["alpha", "fp16"]])],
+    "braq": [(1, _BRAQ)],
+    "arb": [(1, _BRAQ), (3, _ARB_CGB)],
+    "arb-x": [(1, _BRAQ), (3, _ARB_CGB)],
+    "arb-rc": [(2, [["salient_cols", "bits"], ["signs", "bits"], ["signs2", "bits"], ["sparse", "bits"],
+                    ["sal_sparse", "bits"], ["alpha_r", "fp16"], ["alpha_c", "fp16"], ["alpha_c_sal", "fp16"]])],
 }
 TRITON_LAYOUTS = (0, 1)  # the layouts the CUDA kernel (triton_gemv.py) reads
 # the kernels read these parameters in row tiles, the others flat (formats/packed.py: row_wise)
@@ -82,15 +83,15 @@ def kernel_layout(method: str, layout: list[list[str]], index: Tensor, out_featu
     path). Also None where the format's row-tile rule disagrees with the kernel: a per-column tensor whose
     first dimension happens to equal out_features is stored in row tiles (e.g. arb-rc's 2 × w ``alpha_c``
     of a 2-row linear)."""
-    entry = KERNEL_LAYOUTS.get(method)
     # any parameter order: ``block_table`` locates every parameter by name
-    if entry is None or sorted(map(tuple, entry[1])) != sorted(map(tuple, layout)):
+    ids = [lid for lid, params in KERNEL_LAYOUTS.get(method, []) if sorted(map(tuple, params)) == sorted(map(tuple, layout))]
+    if not ids:
         return None
     for p, (name, _) in enumerate(layout):
         ndim, d0, d1 = index[0, p].tolist()
         if row_wise((d0, d1)[:ndim], out_features) != (name in ROW_WISE):
             return None
-    return entry[0]
+    return ids[0]
 
 
 def block_table(index: Tensor, layout: list[list[str]], block_size: int, in_features: int) -> Tensor:

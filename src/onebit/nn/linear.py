@@ -2,7 +2,7 @@
 
 Forward paths, chosen per call:
 * packed kernel (C++ on the CPU, ``kernels.py``; Triton on CUDA, ``triton_gemv.py``) for the layouts in
-  ``kernels.KERNEL_LAYOUTS`` (sign, braq and arb in braq's form, arb-rc; Triton: sign and braq): y = Ŵx
+  ``kernels.KERNEL_LAYOUTS`` (sign, braq, arb/arb-x with or without CGB, arb-rc; Triton: sign, braq): y = Ŵx
   straight from the bit and fp16 streams, no dense weight built. Any token count by default
   (``kernel_max_tokens`` = None): on the AVX-512 CPU it was measured on, it beats dense fp32 ``torch.matmul``
   from 1 to 2048 tokens (benchmarks/packed_matmul.py), so decoding and prefill both use it. The Triton

@@ -14,6 +14,8 @@
 //     (n × k, salient zone bit), alpha_r (n × 6: one row scale per plane), alpha_c (2 × (w − k): column scale
 //     of each non-salient zone), alpha_c_sal (4 × k: of each salient zone's two planes):
 //     non-salient, zone z: ŵ = ±αr[z]·αc[z][col];   salient, zone z: ŵ = ±αr[2+2z]·αcs[2z][col] ± αr[3+2z]·αcs[2z+1][col]
+// layout 3 ("arb"/"arb-x" with CGB, num_p = 1): braq's streams plus sal_sparse (salient zone bit); mu (n × 4),
+//     alpha (n × 6): non-salient as braq; salient zone z: ŵ = μ[2+z] ± α[2+2z] ± α[3+2z]
 // Block table rows (int64): start, width, k, then the offset of signs, signs2, sparse, salient_cols, mu, alpha,
 // sal_sparse, alpha_r, alpha_c, alpha_c_sal (bit offsets into the bit stream, element offsets into the fp16
 // stream; kernels/TABLE_COLUMNS).
@@ -239,19 +241,35 @@ void tile_kernel(const Problem& P, int64_t g, int64_t t0) {
             });
             continue;
         }
-        const auto mu = view(r[kMu], 3), al = view(r[kAl], 4);
-        const Vec mc = mu.coef(0), ms = mu.coef(1), msal = mu.coef(2);
-        const Vec ac = al.coef(0), as = al.coef(1), a1 = al.coef(2), a2 = al.coef(3);
+        // braq: mu (conc, sparse, salient), alpha (conc, sparse, sal1, sal2); layout 3 (arb + CGB) adds a
+        // second salient zone: mu (.., sal z0, sal z1), alpha (.., z0 sal1, z0 sal2, z1 sal1, z1 sal2)
+        const bool cgb = P.layout == 3;
+        const auto mu = view(r[kMu], cgb ? 4 : 3), al = view(r[kAl], cgb ? 6 : 4);
+        const Vec mc = mu.coef(0), ms = mu.coef(1), ac = al.coef(0), as = al.coef(1);
         const Vec c_lo = vsub(mc, ac), c_hi = vadd(mc, ac), s_lo = vsub(ms, as), s_hi = vadd(ms, as);
-        const Vec sal_lo = vsub(msal, a1), sal_hi = vadd(msal, a1), a2_lo = vsub(vzero(), a2);
         columns<TT, NA>(acc, w - k, x, P.m, [&](int64_t q, int64_t& col) {
             col = ord[q];
             const Sel b1 = vmask(s1.word(col));
             return vselect(vmask(sp.word(q)), vselect(b1, c_lo, c_hi), vselect(b1, s_lo, s_hi));
         });
+        // salient zone z: μ ± α1 ± α2
+        const Vec m0 = mu.coef(2), a1 = al.coef(2), a2 = al.coef(3);
+        const Vec z0_lo = vsub(m0, a1), z0_hi = vadd(m0, a1), z0_a2lo = vsub(vzero(), a2);
+        if (!cgb) {
+            columns<TT, NA>(acc, k, x, P.m, [&](int64_t q, int64_t& col) {
+                col = ord[w - k + q];
+                return vadd(vselect(vmask(s1.word(col)), z0_lo, z0_hi), vselect(vmask(s2.word(q)), z0_a2lo, a2));
+            });
+            continue;
+        }
+        const auto ssp = view(r[kSsp], k);
+        const Vec m1 = mu.coef(3), b1 = al.coef(4), b2 = al.coef(5);
+        const Vec z1_lo = vsub(m1, b1), z1_hi = vadd(m1, b1), z1_a2lo = vsub(vzero(), b2);
         columns<TT, NA>(acc, k, x, P.m, [&](int64_t q, int64_t& col) {
             col = ord[w - k + q];
-            return vadd(vselect(vmask(s1.word(col)), sal_lo, sal_hi), vselect(vmask(s2.word(q)), a2_lo, a2));
+            const Sel z = vmask(ssp.word(q)), p1 = vmask(s1.word(col)), p2 = vmask(s2.word(q));
+            return vadd(vselect(z, vselect(p1, z0_lo, z0_hi), vselect(p1, z1_lo, z1_hi)),
+                        vselect(z, vselect(p2, z0_a2lo, a2), vselect(p2, z1_a2lo, b2)));
         });
     }
     for (int t = 0; t < TT; ++t) {
@@ -280,7 +298,7 @@ torch::Tensor packed_gemm(torch::Tensor x, torch::Tensor bits, torch::Tensor fp1
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be (tokens, in_features) float32");
     TORCH_CHECK(bits.scalar_type() == torch::kUInt8 && fp16.scalar_type() == torch::kHalf, "bad stream dtypes");
     TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.size(1) == kCols, "bad block table");
-    TORCH_CHECK(layout >= 0 && layout <= 2, "unknown layout");
+    TORCH_CHECK(layout >= 0 && layout <= 3, "unknown layout");
     auto xc = x.contiguous();
     auto tab_c = table.contiguous();
     const int64_t T = xc.size(0), m = xc.size(1), nblk = tab_c.size(0);
@@ -297,7 +315,7 @@ torch::Tensor packed_gemm(torch::Tensor x, torch::Tensor bits, torch::Tensor fp1
         const int64_t w = r[kWidth], k = r[kK];
         TORCH_CHECK(w <= 65535, "block ", j, " is ", w, " columns wide; the kernel handles at most 65535");
         aligned = aligned && r[kS1] % 16 == 0 && (layout == 0 || (r[kS2] % 16 == 0 && r[kSp] % 16 == 0)) &&
-                  (layout != 2 || r[kSsp] % 16 == 0);
+                  (layout < 2 || r[kSsp] % 16 == 0);
         if (layout == 0) continue;
         int64_t nsal = 0;
         for (int64_t c = 0; c < w; ++c) nsal += read_bits(bp, nbytes, r[kCol] + c, 1);
