@@ -106,10 +106,10 @@ class LayerCheckpoint:
                 decoded = json.loads(meta.get("decoded", "{}")) if weights else {}
                 if decoded and self.method is None:
                     raise RuntimeError("its weights are stored as blocks and no method is bound to decode them")
-            for name, dtype in decoded.items():
-                shape = next(tuple(r["shape"]) for r in record["linears"] if r["name"] == name)
-                w = decode_linear(self.method, self.blocks(idx, name), shape, self.block_size)
-                tensors[name] = w.to(getattr(torch, dtype))
+                for name, dtype in decoded.items():
+                    shape = next(tuple(r["shape"]) for r in record["linears"] if r["name"] == name)
+                    w = decode_linear(self.method, _read_blocks(f, meta, name), shape, self.block_size)
+                    tensors[name] = w.to(getattr(torch, dtype))
         except Exception as e:  # truncated or corrupt: never reuse
             log.warning("%s is unreadable (%s): recomputing layer %d", path, e, idx)
             return None
@@ -119,22 +119,8 @@ class LayerCheckpoint:
         """The stored block parameters of one linear (for packers)."""
         from safetensors import safe_open
 
-        out: dict[int, dict[str, Tensor]] = {}
-        prefix = f"{name}.blocks."
         with safe_open(self.path(idx), framework="pt") as f:
-            meta = f.metadata() or {}
-            order = json.loads(meta.get("param_order", "{}")).get(name)
-            bool_shapes = json.loads(meta.get("bool_shapes", "{}"))
-            for k in f.keys():
-                if k.startswith(prefix):
-                    j, key = k[len(prefix) :].split(".", 1)
-                    t = f.get_tensor(k)
-                    if k in bool_shapes:
-                        shape = bool_shapes[k]
-                        t = unpack_bits(t, math.prod(shape)).view(shape)
-                    out.setdefault(int(j), {})[key] = t
-        blocks = [out[j] for j in sorted(out)]
-        return blocks if order is None else [{key: b[key] for key in order} for b in blocks]
+            return _read_blocks(f, f.metadata() or {}, name)
 
     def weights(self, idx: int) -> dict[str, Tensor]:
         """Overrides for a streamed model: relative parameter names → quantized weights (after a finished run:
@@ -143,6 +129,24 @@ class LayerCheckpoint:
         if got is None:
             raise RuntimeError(f"{self.path(idx)}: no valid layer checkpoint (see the warning above)")
         return {f"{k}.weight": v for k, v in got[0].items()}
+
+
+def _read_blocks(f: Any, meta: dict[str, str], name: str) -> list[dict[str, Tensor]]:
+    """One linear's block parameters from an open layer file (bit planes unpacked, the method's key order)."""
+    out: dict[int, dict[str, Tensor]] = {}
+    prefix = f"{name}.blocks."
+    order = json.loads(meta.get("param_order", "{}")).get(name)
+    bool_shapes = json.loads(meta.get("bool_shapes", "{}"))
+    for k in f.keys():
+        if k.startswith(prefix):
+            j, key = k[len(prefix) :].split(".", 1)
+            t = f.get_tensor(k)
+            if k in bool_shapes:
+                shape = bool_shapes[k]
+                t = unpack_bits(t, math.prod(shape)).view(shape)
+            out.setdefault(int(j), {})[key] = t
+    blocks = [out[j] for j in sorted(out)]
+    return blocks if order is None else [{key: b[key] for key in order} for b in blocks]
 
 
 def set_weights(linears: dict[str, torch.nn.Linear], weights: dict[str, Tensor]) -> None:

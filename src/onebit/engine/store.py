@@ -116,7 +116,7 @@ class StreamedModel:
                     out[k] = f.get_tensor(k).to(self.dtype)
         return out
 
-    def _read(self, names: list[str]) -> dict[str, Tensor]:
+    def read(self, names: list[str]) -> dict[str, Tensor]:
         """Tensors by parameter name (resolved to checkpoint keys by ``_key``)."""
         keys = [self._key(n) for n in names]
         values = self._read_keys(keys)
@@ -126,7 +126,7 @@ class StreamedModel:
         from accelerate.utils import set_module_tensor_to_device
 
         names = [n for n, _ in module.named_parameters()]
-        values = self._read([f"{prefix}.{n}" for n in names if not extra or n not in extra])
+        values = self.read([f"{prefix}.{n}" for n in names if not extra or n not in extra])
         for n in names:
             v = extra[n] if extra and n in extra else values[f"{prefix}.{n}"]
             set_module_tensor_to_device(module, n, "cpu", value=v.to(self.dtype))

@@ -60,13 +60,12 @@ def save_packed_streamed(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = None if bits is None else dict(storage_bpw=bits.storage_bpw, paper_bpw=bits.paper_bpw)
-    qc = quantization_config(method, method_options, block_size, packed, bits_report=report)
+    qc = _packed_config(packed, method, method_options, block_size, bits)
     quantized = {f"{name}.weight" for name in packed}
     head = f"{model.adapter.lm_head}.weight"
     tied = getattr(model.config, "tie_word_embeddings", False)
     keep = [n for n, _ in model.model.named_parameters() if n not in quantized and not (tied and n == head)]
-    tensors = {k: v.contiguous() for k, v in model._read(keep).items()}
+    tensors = {k: v.contiguous() for k, v in model.read(keep).items()}
     for name, p in packed.items():
         tensors.update(p.tensors(name))
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -75,6 +74,13 @@ def save_packed_streamed(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return qc
+
+
+def _packed_config(packed: dict[str, PackedLinear], method: str, method_options: dict[str, Any], block_size: int,
+                   bits: Bits | None) -> dict[str, Any]:
+    """The ``quantization_config`` of a packed checkpoint, with the run's bpw report when given."""
+    report = None if bits is None else dict(storage_bpw=bits.storage_bpw, paper_bpw=bits.paper_bpw)
+    return quantization_config(method, method_options, block_size, packed, bits_report=report)
 
 
 def replace_linears(model: nn.Module, packed: dict[str, PackedLinear]) -> None:
@@ -97,8 +103,7 @@ def save_packed(
     from ..integrations.transformers import OnebitConfig
 
     out = Path(out_dir)
-    report = None if bits is None else dict(storage_bpw=bits.storage_bpw, paper_bpw=bits.paper_bpw)
-    qc = quantization_config(method, method_options, block_size, packed, bits_report=report)
+    qc = _packed_config(packed, method, method_options, block_size, bits)
     replace_linears(model, packed)
     model.config.quantization_config = OnebitConfig(**qc)
     model.save_pretrained(out)

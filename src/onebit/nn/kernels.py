@@ -1,6 +1,6 @@
 """The packed GEMV kernels: a C++ extension (``packed_gemv.cpp``, built with gcc on first use) for the
-``sign``, ``braq`` (also arb/arb-x in braq's form), ``arb-rc`` and arb/arb-x + CGB layouts, and the block tables it (and the
-Triton kernel, ``triton_gemv.py``: sign and braq) reads.
+layouts in ``KERNEL_LAYOUTS`` (sign, braq, arb/arb-x with or without CGB, arb-rc), and the block tables it
+(and the Triton kernel, ``triton_gemv.py``: sign and braq) reads.
 
 The extension reads the checkpoint's own streams (no repacking, so resident memory = storage bytes). Other
 methods, and machines where the build fails, use the pure-PyTorch reference path in ``linear.py``.
@@ -84,14 +84,15 @@ def kernel_layout(method: str, layout: list[list[str]], index: Tensor, out_featu
     first dimension happens to equal out_features is stored in row tiles (e.g. arb-rc's 2 × w ``alpha_c``
     of a 2-row linear)."""
     # any parameter order: ``block_table`` locates every parameter by name
-    ids = [lid for lid, params in KERNEL_LAYOUTS.get(method, []) if sorted(map(tuple, params)) == sorted(map(tuple, layout))]
-    if not ids:
+    want = sorted(map(tuple, layout))
+    lid = next((i for i, params in KERNEL_LAYOUTS.get(method, []) if sorted(map(tuple, params)) == want), None)
+    if lid is None:
         return None
     for p, (name, _) in enumerate(layout):
         ndim, d0, d1 = index[0, p].tolist()
         if row_wise((d0, d1)[:ndim], out_features) != (name in ROW_WISE):
             return None
-    return ids[0]
+    return lid
 
 
 def block_table(index: Tensor, layout: list[list[str]], block_size: int, in_features: int) -> Tensor:

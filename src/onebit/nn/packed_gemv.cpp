@@ -1,5 +1,5 @@
-// Packed 1-bit GEMV/GEMM, reading the onebit storage streams directly (no unpacking
-// into a dense weight, no repacked copy). Row-wise tensors are stored in tiles of 16 rows, column-major inside
+// Packed 1-bit GEMV/GEMM, reading the onebit storage streams directly (no unpacking into a dense weight, no
+// repacked copy). Row-wise tensors are stored in tiles of 16 rows, column-major inside
 // a tile (docs/format.md), so for one tile and one column the 16 rows' sign bits are one 16-bit word and
 // their scales one 16-vector. The kernel works on a tile at a time with the 16 rows in the vector lanes: per
 // column it decodes the 16 weights with mask blends (no scalar bit handling) and adds w · x[col] with one FMA
@@ -138,6 +138,9 @@ inline void vstore(float* y, const Vec& v, int rows) {
 }
 #endif
 
+// +v where the sign bit is set, −v elsewhere
+inline Vec vsign(const Sel& s, const Vec& v) { return vselect(s, vsub(vzero(), v), v); }
+
 struct Problem {
     const uint8_t* bp;
     int64_t nbytes;
@@ -146,7 +149,7 @@ struct Problem {
     int64_t nblk, m, n;
     int64_t layout;
     const float* x;         // (T, m)
-    const uint16_t* order;  // braq: per block, the non-salient local columns, then the salient ones
+    const uint16_t* order;  // layouts 1-3: per block, the non-salient local columns, then the salient ones
     float* y;               // (T, n)
 };
 
@@ -226,18 +229,17 @@ void tile_kernel(const Problem& P, int64_t g, int64_t t0) {
                       rs5 = ar.coef(5);
             const at::Half* ac = P.hp + r[kAc];    // (2, w − k), row-major
             const at::Half* acs = P.hp + r[kAcs];  // (4, k)
-            auto signed_ = [](const Sel& s, Vec v) { return vselect(s, vsub(vzero(), v), v); };
             columns<TT, NA>(acc, w - k, x, P.m, [&](int64_t q, int64_t& col) {
                 col = ord[q];
                 const Vec v = vselect(vmask(sp.word(q)), vmul(rs0, vset(ac[q])), vmul(rs1, vset(ac[w - k + q])));
-                return signed_(vmask(s1.word(col)), v);
+                return vsign(vmask(s1.word(col)), v);
             });
             columns<TT, NA>(acc, k, x, P.m, [&](int64_t q, int64_t& col) {
                 col = ord[w - k + q];
                 const Sel z = vmask(ssp.word(q));
                 const Vec v1 = vselect(z, vmul(rs2, vset(acs[q])), vmul(rs4, vset(acs[2 * k + q])));
                 const Vec v2 = vselect(z, vmul(rs3, vset(acs[k + q])), vmul(rs5, vset(acs[3 * k + q])));
-                return vadd(signed_(vmask(s1.word(col)), v1), signed_(vmask(s2.word(q)), v2));
+                return vadd(vsign(vmask(s1.word(col)), v1), vsign(vmask(s2.word(q)), v2));
             });
             continue;
         }
@@ -254,22 +256,22 @@ void tile_kernel(const Problem& P, int64_t g, int64_t t0) {
         });
         // salient zone z: μ ± α1 ± α2
         const Vec m0 = mu.coef(2), a1 = al.coef(2), a2 = al.coef(3);
-        const Vec z0_lo = vsub(m0, a1), z0_hi = vadd(m0, a1), z0_a2lo = vsub(vzero(), a2);
+        const Vec z0_lo = vsub(m0, a1), z0_hi = vadd(m0, a1);
         if (!cgb) {
             columns<TT, NA>(acc, k, x, P.m, [&](int64_t q, int64_t& col) {
                 col = ord[w - k + q];
-                return vadd(vselect(vmask(s1.word(col)), z0_lo, z0_hi), vselect(vmask(s2.word(q)), z0_a2lo, a2));
+                return vadd(vselect(vmask(s1.word(col)), z0_lo, z0_hi), vsign(vmask(s2.word(q)), a2));
             });
             continue;
         }
         const auto ssp = view(r[kSsp], k);
         const Vec m1 = mu.coef(3), b1 = al.coef(4), b2 = al.coef(5);
-        const Vec z1_lo = vsub(m1, b1), z1_hi = vadd(m1, b1), z1_a2lo = vsub(vzero(), b2);
+        const Vec z1_lo = vsub(m1, b1), z1_hi = vadd(m1, b1);
         columns<TT, NA>(acc, k, x, P.m, [&](int64_t q, int64_t& col) {
             col = ord[w - k + q];
-            const Sel z = vmask(ssp.word(q)), p1 = vmask(s1.word(col)), p2 = vmask(s2.word(q));
+            const Sel z = vmask(ssp.word(q)), p1 = vmask(s1.word(col));
             return vadd(vselect(z, vselect(p1, z0_lo, z0_hi), vselect(p1, z1_lo, z1_hi)),
-                        vselect(z, vselect(p2, z0_a2lo, a2), vselect(p2, z1_a2lo, b2)));
+                        vsign(vmask(s2.word(q)), vselect(z, a2, b2)));
         });
     }
     for (int t = 0; t < TT; ++t) {
@@ -306,8 +308,9 @@ torch::Tensor packed_gemm(torch::Tensor x, torch::Tensor bits, torch::Tensor fp1
     const uint8_t* bp = bits.data_ptr<uint8_t>();
     const int64_t nbytes = bits.numel();
 
-    // braq: each block's non-salient columns then its salient ones (from the block's salient_cols bitmap);
-    // full tiles take the one-load word path when every row-wise bit tensor starts 16-bit aligned
+    // layouts 1-3: each block's non-salient columns then its salient ones (from the block's salient_cols
+    // bitmap, 16 columns per read); full tiles take the one-load word path when every row-wise bit tensor
+    // starts 16-bit aligned
     std::vector<uint16_t> order(layout == 0 ? 0 : m);
     bool aligned = true;
     for (int64_t j = 0; j < nblk; ++j) {
@@ -317,12 +320,16 @@ torch::Tensor packed_gemm(torch::Tensor x, torch::Tensor bits, torch::Tensor fp1
         aligned = aligned && r[kS1] % 16 == 0 && (layout == 0 || (r[kS2] % 16 == 0 && r[kSp] % 16 == 0)) &&
                   (layout < 2 || r[kSsp] % 16 == 0);
         if (layout == 0) continue;
+        auto word = [&](int64_t c) { return read_bits(bp, nbytes, r[kCol] + c, std::min<int64_t>(16, w - c)); };
         int64_t nsal = 0;
-        for (int64_t c = 0; c < w; ++c) nsal += read_bits(bp, nbytes, r[kCol] + c, 1);
+        for (int64_t c = 0; c < w; c += 16) nsal += __builtin_popcount(word(c));
         TORCH_CHECK(nsal == k, "block ", j, ": the salient column bitmap has ", nsal, " columns, the block ", k);
         int64_t ns = 0, sal = w - k;
-        for (int64_t c = 0; c < w; ++c)
-            order[r[kStart] + (read_bits(bp, nbytes, r[kCol] + c, 1) ? sal++ : ns++)] = static_cast<uint16_t>(c);
+        for (int64_t c = 0; c < w; c += 16) {
+            const uint32_t bits16 = word(c);
+            for (int64_t l = 0; l < std::min<int64_t>(16, w - c); ++l)
+                order[r[kStart] + ((bits16 >> l & 1u) ? sal++ : ns++)] = static_cast<uint16_t>(c + l);
+        }
     }
     auto y = torch::empty({T, n}, torch::kFloat32);
     const Problem P{bp, nbytes, fp16.data_ptr<at::Half>(), tab, nblk, m, n, layout, xc.data_ptr<float>(),
