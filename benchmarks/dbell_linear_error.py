@@ -65,7 +65,7 @@ def main() -> None:
                 xs = x / s
                 xq = xs if bits is None else fake_quant_per_token(xs, bits)
                 h = 2 * xq.T @ xq / args.nsamples
-                q = quantize_linear(w * s, h, braq, 128, 0.01, True).q
+                q = quantize_linear(w * s, h, braq, 128, 0.01, "block").q
                 errs.append(float((xq @ q.T - y).square().sum() / y.square().sum()))
             aq = float((fake_quant_per_token(x / s, 8) * s - x).square().sum() / x.square().sum())
             inv = float((s > 1).float().mean())

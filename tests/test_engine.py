@@ -121,6 +121,6 @@ def test_gptq_compensation_lowers_output_error():
     x = x + 0.8 * x.roll(1, 0)  # correlated inputs: compensation has something to exploit
     h = 2 * x @ x.T / 1024
     braq = build_method("braq")
-    with_comp = quantize_linear(w, h, braq, compensate=True)
-    without = quantize_linear(w, h, braq, compensate=False)
+    with_comp = quantize_linear(w, h, braq, feedback="block")
+    without = quantize_linear(w, h, braq, feedback="none")
     assert with_comp.rel_err < without.rel_err

@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="1-bit post-t
 console = Console(stderr=True)
 
 # Flags shared by several methods; each is passed only to the methods that declare an option of that name.
-METHOD_FLAGS = ("salient_metric", "iters", "iters_x", "cgb", "num_p", "share_mean", "group_partition", "haar_compat")
+METHOD_FLAGS = ("salient_metric", "iters", "iters_x", "cgb", "num_p", "share_mean", "group_partition", "haar_compat", "bits", "sym")
 
 
 def _csv(s: str | None) -> list[str]:
@@ -114,7 +114,10 @@ def quantize(
     seed: int = typer.Option(0),
     blocksize: int = typer.Option(128, min=1),
     percdamp: float = typer.Option(0.01),
-    gptq: bool = typer.Option(True, "--gptq/--no-gptq", help="block-wise error compensation (off = RTN mode)"),
+    gptq: bool = typer.Option(True, "--gptq/--no-gptq", help="error compensation (off = RTN mode, = --feedback none)"),
+    feedback: str = typer.Option("auto", help="error feedback: block (BiLLM) | column (GPTQ) | none | auto (the method's paper)"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
+                                             help="static act-order with column feedback (default: on for gptq only)"),
     true_sequential: bool = typer.Option(False, help="re-collect Hessians after each linear group"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
     data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA", help="data directory (default ../shared/data)"),
@@ -131,6 +134,8 @@ def quantize(
     share_mean: Optional[bool] = typer.Option(None, "--share-mean/--no-share-mean", help="HBLLM shared row mean"),
     group_partition: Optional[str] = typer.Option(None, help="HBLLM: row | global"),
     haar_compat: Optional[bool] = typer.Option(None, "--haar-compat/--no-haar-compat", help="HBLLM reference constant"),
+    bits: Optional[int] = typer.Option(None, help="rtn/gptq: bits per weight (2, 3, 4, 8)"),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="rtn/gptq: symmetric grid (no zero point)"),
     method_option: list[str] = typer.Option([], "--method-option", "-m", help="any method option as key=value"),
     transform: str = typer.Option("none", help="float pre-pass: none | dbell (DBellQuant's LTDB, docs/dbellquant.md)"),
     act_bits: int = typer.Option(16, help="per-token activation fake quant of every decoder linear: 16 (off) | 8 | 6 | 4"),
@@ -164,13 +169,13 @@ def quantize(
 
     _setup_logging(verbose)
     flags = dict(salient_metric=salient_metric, iters=iters, iters_x=iters_x, cgb=cgb, num_p=num_p,
-                 share_mean=share_mean, group_partition=group_partition, haar_compat=haar_compat)
+                 share_mean=share_mean, group_partition=group_partition, haar_compat=haar_compat, bits=bits, sym=sym)
     try:
         qcfg = QuantConfig(method, method_options_from_flags(method, flags, method_option), blocksize, percdamp, gptq,
                            true_sequential, _resolve_device(device),
                            transform=transform, act_bits=act_bits, hessian_from_quantized_acts=hessian_from_quantized_acts,
                            ltdb_epochs=ltdb_epochs, ltdb_lr=ltdb_lr, ltdb_p=ltdb_p, ltdb_opt=ltdb_opt,
-                           act_scales=None if act_scales is None else str(act_scales))
+                           act_scales=None if act_scales is None else str(act_scales), feedback=feedback, act_order=act_order)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if (stream or resume) and out is None:
@@ -280,8 +285,13 @@ def _print_packed(out_dir: Path, bits) -> None:
 
 
 def run_label(cfg) -> str:
-    """Default run name: the method, with the DBellQuant pre-pass and activation bits when used."""
+    """Default run name: the method (with its bits), the DBellQuant pre-pass, activation bits and error
+    feedback when it is not the method's default."""
     label = f"dbell+{cfg.method}" if cfg.transform == "dbell" else cfg.method
+    opts = cfg.method_options
+    label += f" w{opts['bits']}" if "bits" in opts else ""
+    if cfg.feedback != getattr(cfg.build_method(), "default_feedback", "block"):
+        label += f" {cfg.feedback}-fb"
     return label + (f" A{cfg.act_bits}" if cfg.act_bits else "")
 
 

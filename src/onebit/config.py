@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine.pipeline import EngineOptions
+from .engine.solver import FEEDBACK
 from .methods import build_method
 from .methods.base import Binarizer
 
@@ -14,8 +15,11 @@ from .methods.base import Binarizer
 @dataclass
 class QuantConfig:
     """``method`` and its ``method_options`` (see ``onebit methods``), plus the engine's knobs:
-    ``blocksize`` (column block = group size), ``percdamp`` (relative damping), ``gptq`` (block-only error
-    compensation; False = the references' ``--disable_gptq``), ``true_sequential``, ``device``."""
+    ``blocksize`` (column block = group size), ``percdamp`` (relative damping), ``gptq`` (error compensation;
+    False = the references' ``--disable_gptq``, i.e. ``feedback="none"``), ``true_sequential``, ``device``,
+    ``feedback`` ("block" | "column" | "none"; "auto" = the method's paper: block for the seed methods, column
+    for gptq, none for rtn) and ``act_order`` (static act-order with column feedback; None = the method's
+    default: on for gptq only)."""
 
     method: str = "braq"
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -36,6 +40,8 @@ class QuantConfig:
     ltdb_p: float = 1.0
     ltdb_opt: str = "ltdb"
     act_scales: str | None = None
+    feedback: str = "auto"
+    act_order: bool | None = None
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -43,7 +49,27 @@ class QuantConfig:
         if not 0 < self.percdamp < 1:
             raise ValueError("percdamp must be in (0, 1)")
         self._validate_dbell()
-        self.build_method()  # validates the method name and options early
+        method = self.build_method()  # validates the method name and options early
+        self._resolve_feedback(method)
+
+    def _resolve_feedback(self, method: Binarizer) -> None:
+        """Make ``feedback`` and ``act_order`` explicit (the report then records what ran)."""
+        if self.feedback not in ("auto", *FEEDBACK):
+            raise ValueError(f"feedback must be auto, {', '.join(FEEDBACK)}; got {self.feedback!r}")
+        if not self.gptq:
+            if self.feedback not in ("auto", "none"):
+                raise ValueError(f"--no-gptq turns error feedback off; it contradicts feedback={self.feedback!r}")
+            self.feedback = "none"
+        if self.feedback == "auto":
+            self.feedback = getattr(method, "default_feedback", "block")
+        self.gptq = self.feedback != "none"
+        if self.feedback == "column" and not hasattr(method, "fit_block"):
+            raise ValueError(f"method {self.method!r} cannot assign single columns (its stored form is not per "
+                             f"column, e.g. HBLLM's Haar bands): use feedback block or none")
+        if self.act_order is None:
+            self.act_order = self.feedback == "column" and getattr(method, "default_act_order", False)
+        if self.act_order and self.feedback != "column":
+            raise ValueError("act_order needs column feedback (--feedback column)")
 
     def _validate_dbell(self) -> None:
         if self.transform not in ("none", "dbell"):
@@ -64,7 +90,7 @@ class QuantConfig:
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
-            self.blocksize, self.percdamp, self.gptq, self.true_sequential, self.device,
+            self.blocksize, self.percdamp, self.feedback, self.act_order, self.true_sequential, self.device,
             hessian_raw_inputs=self.act_bits is not None and not self.hessian_from_quantized_acts,
         )
 

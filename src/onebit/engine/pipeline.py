@@ -75,7 +75,8 @@ LayerCallback = Callable[[int, nn.Module, LayerRecord, dict[str, LinearResult]],
 class EngineOptions:
     blocksize: int = 128
     percdamp: float = 0.01
-    compensate: bool = True
+    feedback: str = "block"  # block | column | none (engine/solver.py)
+    act_order: bool = False
     true_sequential: bool = False
     device: str = "cpu"
     hessian_raw_inputs: bool = False  # H from the linears' inputs before their pre-hooks (act fake quant) run
@@ -115,7 +116,8 @@ def _solve_group(
     for pos, name in enumerate(group):
         if pos % world == rank:
             t1 = time.perf_counter()
-            res = quantize_linear(linears[name].weight, accs[name].hessian, method, opts.blocksize, opts.percdamp, opts.compensate)
+            res = quantize_linear(linears[name].weight, accs[name].hessian, method, opts.blocksize, opts.percdamp,
+                                  opts.feedback, opts.act_order)
             mine[name] = (res, time.perf_counter() - t1)
         del accs[name]
     results: dict[str, LinearResult] = {}

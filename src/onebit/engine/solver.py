@@ -52,40 +52,109 @@ def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Tens
     raise RuntimeError(f"Hessian not positive definite even at percdamp={damp / 10:g}; use more calibration data")
 
 
+FEEDBACK = ("block", "column", "none")
+
+
 def quantize_linear(
     weight: Tensor,
     hessian: Tensor,
     method: Binarizer,
     blocksize: int = 128,
     percdamp: float = 0.01,
-    compensate: bool = True,
+    feedback: str = "block",
+    act_order: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> LinearResult:
-    """Quantize one linear's weight (n × m) given its Hessian (m × m). Works in fp32 on the weight's device."""
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.to(w.device, torch.float32).clone()
+    """Quantize one linear's weight (n × m) given its Hessian (m × m), in ``dtype`` on the weight's device.
+
+    ``feedback``: ``block`` — BiLLM's block-only compensation: each block is quantized whole, its error
+    pushed to the later blocks through the Cholesky factor; ``column`` — GPTQ's: the method fits the block's
+    parameters (``fit_block``), then the block's columns are assigned one by one, each column's error pushed
+    to the block's remaining columns, the block's errors to the later blocks at once (GPTQ's lazy batch);
+    ``none`` — every block quantized as it is (RTN). ``act_order`` (column feedback only, static as
+    llm-compressor's): every block's parameters are fitted first on the original weights, then the columns
+    are assigned in descending order of diag(H) in batches of ``blocksize``. The stored layout never changes:
+    blocks stay contiguous column ranges in the original order.
+    """
+    if feedback not in FEEDBACK:
+        raise ValueError(f"feedback must be one of {FEEDBACK}, got {feedback!r}")
+    if feedback == "column" and not hasattr(method, "fit_block"):
+        raise ValueError(f"method {method.name!r} cannot assign single columns: use feedback 'block' or 'none'")
+    if act_order and feedback != "column":
+        raise ValueError("act_order needs column feedback")
+    w = weight.detach().to(dtype).clone()
+    h = hessian.to(w.device, dtype).clone()
     w_orig, h_orig = w.clone(), h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    u, damp = inverse_factor(h, percdamp)
-    dj = torch.diag(u)
     n, m = w.shape
-    q = torch.zeros_like(w)
-    blocks, bits, loss = [], Bits(), 0.0
-    stats: dict[str, float] = {}
-    for s in range(0, m, blocksize):
-        e = min(s + blocksize, m)
-        wb = w[:, s:e]
-        res = method.quantize_block(wb, BlockContext(d=dj[s:e], h=h[s:e, s:e], start=s))
-        err = (wb - res.q) / dj[s:e]
-        q[:, s:e] = res.q
-        if compensate and e < m:
-            w[:, e:] -= err @ u[s:e, e:]
-        loss += float(err.square().sum()) / 2
-        blocks.append(res.params)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+    u, damp = inverse_factor(h if perm is None else h[perm][:, perm], percdamp)
+    dj = torch.diag(u) if perm is None else torch.diag(u)[torch.argsort(perm)]  # per original column
+    starts = list(range(0, m, blocksize))
+    ctx = [BlockContext(d=dj[s : s + blocksize], h=h[s : s + blocksize, s : s + blocksize], start=s) for s in starts]
+    if feedback == "column":
+        q, err, results = _column_feedback(w, u, method, ctx, blocksize, perm)
+    else:
+        q, err, results = _block_feedback(w, u, method, ctx, blocksize, feedback == "block")
+    bits, stats = Bits(), {}
+    for res in results:
         bits = bits + res.bits
         for k, v in res.stats.items():
             stats[k] = stats.get(k, 0.0) + v
     dw = q - w_orig
     rel = float((dw @ h_orig * dw).sum() / (w_orig @ h_orig * w_orig).sum().clamp_min(1e-30))
-    return LinearResult(q, blocks, bits, loss, rel, damp, stats)
+    loss = sum(float(err[:, s : s + blocksize].square().sum()) / 2 for s in starts)  # per block, as the references log
+    return LinearResult(q.float(), [r.params for r in results], bits, loss, rel, damp, stats)
+
+
+def _block_feedback(
+    w: Tensor, u: Tensor, method: Binarizer, ctx: list[BlockContext], blocksize: int, compensate: bool
+) -> tuple[Tensor, Tensor, list]:
+    """Each block quantized whole; with ``compensate`` its error goes to the later blocks (BiLLM)."""
+    m = w.shape[1]
+    q, err, results = torch.zeros_like(w), torch.zeros_like(w), []
+    for c in ctx:
+        s, e = c.start, min(c.start + blocksize, m)
+        res = method.quantize_block(w[:, s:e], c)
+        err[:, s:e] = (w[:, s:e] - res.q) / c.d
+        q[:, s:e] = res.q
+        if compensate and e < m:
+            w[:, e:] -= err[:, s:e] @ u[s:e, e:]
+        results.append(res)
+    return q, err, results
+
+
+def _column_feedback(
+    w: Tensor, u: Tensor, method: Binarizer, ctx: list[BlockContext], blocksize: int, perm: Tensor | None
+) -> tuple[Tensor, Tensor, list]:
+    """GPTQ's column loop in batches of ``blocksize`` (positions in ``perm`` order when given; ``u`` is the
+    factor of the permuted Hessian then). Without ``perm`` a block is fitted when its batch starts, on the
+    weights as compensated so far; with ``perm`` every block is fitted up front (static act-order)."""
+    m = w.shape[1]
+    order = torch.arange(m, device=w.device) if perm is None else perm
+    wp = w[:, order]
+    q, err = torch.zeros_like(w), torch.zeros_like(w)
+    fits = [method.fit_block(w[:, c.start : c.start + blocksize], c) for c in ctx] if perm is not None else []
+    cols = order.tolist()
+    for s in range(0, m, blocksize):
+        e = min(s + blocksize, m)
+        if perm is None:
+            fits.append(method.fit_block(wp[:, s:e], ctx[s // blocksize]))
+        ub = u[s:e, s:e]
+        for p in range(s, e):
+            c = cols[p]
+            x = wp[:, p]
+            qc = fits[c // blocksize].assign(c % blocksize, x)
+            ec = (x - qc) / ub[p - s, p - s]
+            wp[:, p + 1 : e] -= ec[:, None] * ub[p - s, p - s + 1 :][None]
+            q[:, c], err[:, p] = qc, ec
+        if e < m:
+            wp[:, e:] -= err[:, s:e] @ u[s:e, e:]
+    results = [f.result() for f in fits]
+    for c, r in zip(ctx, results):  # the decoder must reproduce exactly what was fed back
+        s = c.start
+        if not torch.equal(r.q.to(q.dtype), q[:, s : s + r.q.shape[1]]):
+            raise RuntimeError(f"{method.name}: decoded block at column {s} differs from the assigned columns")
+    return q, err, results

@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import PARAM_BITS, BlockContext, BlockResult, Bits, bits_to_signs, register, signs_to_bits
+from .base import PARAM_BITS, BlockContext, BlockResult, Bits, LevelFit, bits_to_signs, register, sign_plane_fit, signs_to_bits
 from .binarize import binary_sign, decode_group, fit_group, residual_fit
 from .braq import braq_bits
 from .salient import salient_columns, salient_metric, split_search, split_threshold
@@ -283,6 +283,10 @@ class Arb:
         for j, key in enumerate(_plane_keys(prefix, zones)):
             idx |= params[key].long() << j
         return [_scatter(idx == z, cols) for z in range(zones)]
+
+    def fit_block(self, w: Tensor, ctx: BlockContext) -> LevelFit:
+        """Column feedback: this block's masks and parameters, both sign planes re-assigned per column."""
+        return sign_plane_fit(self, w, ctx, ("signs", "signs2"))
 
     def decode_block(self, params: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
         n, b = shape

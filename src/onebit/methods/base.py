@@ -9,6 +9,7 @@ take. The engine never imports a method: methods register themselves by name her
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
@@ -94,7 +95,12 @@ class BlockResult:
 
 @runtime_checkable
 class Binarizer(Protocol):
-    """A binarization method: a small config dataclass with ``quantize_block``."""
+    """A binarization method: a small config dataclass with ``quantize_block``.
+
+    Optional, for column-wise error feedback (``--feedback column``): ``fit_block(w, ctx) -> ColumnFit``, the
+    block's parameters fitted as ``quantize_block`` fits them, with each column then assigned by the engine.
+    Optional ``default_feedback`` ("block" | "column" | "none"): what the method's paper does (default block).
+    """
 
     name: ClassVar[str]
 
@@ -103,6 +109,71 @@ class Binarizer(Protocol):
     def decode_block(self, params: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
         """Dequantize a block from its stored form (the inverse a packed checkpoint relies on)."""
         ...
+
+
+class ColumnFit(Protocol):
+    """A block whose parameters (masks, scales, means, grids) are fixed, whose columns are assigned one at a
+    time: ``assign(j, x)`` picks column j's codes for the current values ``x`` (n,) and returns the dequantized
+    column; ``result()`` is the block's ``BlockResult`` from the codes assigned so far (every column once)."""
+
+    def assign(self, j: int, x: Tensor) -> Tensor: ...
+
+    def result(self) -> BlockResult: ...
+
+
+class LevelFit:
+    """``ColumnFit`` by nearest level: ``levels`` (n × B × L, or broadcastable: n × 1 × L) are the values each
+    weight can take with the fitted parameters; a column's codes are the indices of the nearest levels (ties to
+    the lowest). ``encode(codes)`` (codes n × B, long) gives the stored form; the decoder then reproduces the
+    chosen levels, so ``result().q`` is what the engine fed back."""
+
+    def __init__(self, method: Binarizer, base: BlockResult, levels: Tensor, encode: Callable[[Tensor], dict[str, Tensor]]) -> None:
+        self.method, self.base, self.levels, self.encode = method, base, levels, encode
+        n, b = base.q.shape
+        self.codes = torch.zeros(n, b, dtype=torch.long, device=base.q.device)
+
+    def assign(self, j: int, x: Tensor) -> Tensor:
+        lv = self.levels[:, min(j, self.levels.shape[1] - 1)].expand(x.shape[0], -1)
+        idx = (lv - x[:, None]).abs().argmin(-1)
+        self.codes[:, j] = idx
+        return lv.gather(1, idx[:, None])[:, 0]
+
+    def assign_block(self, w: Tensor) -> BlockResult:
+        """Every column at once from ``w`` (no feedback between them)."""
+        self.codes = (self.levels.expand(*w.shape, -1) - w[..., None]).abs().argmin(-1)
+        return self.result()
+
+    def result(self) -> BlockResult:
+        params = self.encode(self.codes)
+        q = self.method.decode_block(params, tuple(self.base.q.shape)).to(self.base.q.dtype)
+        return BlockResult(q, params, self.base.bits, dict(self.base.stats))
+
+
+def sign_plane_fit(method: Binarizer, w: Tensor, ctx: BlockContext, planes: tuple[str, ...]) -> LevelFit:
+    """Column fit of a method whose stored form is fitted parameters plus the sign planes ``planes`` (bool,
+    True = +1; a plane may cover a subset of the columns, e.g. ``signs2`` on the salient ones): the parameters
+    come from ``quantize_block``; the level of each weight under every sign combination is decoded by the
+    method itself with the planes set constant, so the levels are exactly what the decoder can produce."""
+    base = method.quantize_block(w, ctx)
+    n, b = w.shape
+    combos = list(itertools.product((False, True), repeat=len(planes)))  # (−,−), (−,+), (+,−), (+,+), …
+
+    def with_planes(bits: tuple[bool, ...]) -> dict[str, Tensor]:
+        return {**base.params, **{p: torch.full_like(base.params[p], v) for p, v in zip(planes, bits)}}
+
+    levels = torch.stack([method.decode_block(with_planes(c), (n, b)).to(w.dtype) for c in combos], -1)
+    table = torch.tensor(combos, device=w.device)  # L × planes
+
+    def encode(codes: Tensor) -> dict[str, Tensor]:
+        chosen = table[codes]  # n × B × planes
+        out = dict(base.params)
+        for k, p in enumerate(planes):
+            plane = chosen[..., k]
+            # a plane narrower than the block covers the columns where it matters (braq's salient columns)
+            out[p] = plane if base.params[p].shape == plane.shape else plane[:, base.params["salient_cols"]]
+        return out
+
+    return LevelFit(method, base, levels, encode)
 
 
 def block_widths(in_features: int, block_size: int) -> list[int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import PARAM_BITS, BlockContext, BlockResult, Bits, bits_to_signs, register, signs_to_bits
+from .base import PARAM_BITS, BlockContext, BlockResult, Bits, LevelFit, bits_to_signs, register, sign_plane_fit, signs_to_bits
 from .binarize import decode_group, fit_group
 from .salient import salient_columns, salient_metric, split_threshold
 
@@ -74,6 +74,10 @@ class Braq:
         n, b = w.shape
         k = int(cols.sum())
         return BlockResult(self.decode_block(params, (n, b)).to(w.dtype), params, braq_bits(n, b, k, 7), {"salient_cols": k})
+
+    def fit_block(self, w: Tensor, ctx: BlockContext) -> LevelFit:
+        """Column feedback: this block's masks and parameters, both sign planes re-assigned per column."""
+        return sign_plane_fit(self, w, ctx, ("signs", "signs2"))
 
     def decode_block(self, params: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
         return braq_decode(params, shape)
