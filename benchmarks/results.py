@@ -10,6 +10,8 @@ from its last finished layer (`--resume`), so re-running the command after an in
     .venv/bin/python benchmarks/results.py hbllm      # issue #5: braq, row/col-hbraq, each ± --share-mean
     .venv/bin/python benchmarks/results.py dbell      # issue #6: W1A16/A8/A6 for braq, dbell+braq, dbell+BEST
     .venv/bin/python benchmarks/results.py zeroshot   # issue #8: fp, braq, BEST on the seven tasks
+    .venv/bin/python benchmarks/results.py frontier   # issue #17: seed methods and k-bit/ternary baselines,
+                                                      # block and column feedback, ppl vs storage bpw
 
 Every row uses the demo setting (16 × 1024 C4 calibration tokens; perplexity on the first 8 windows of
 2048 tokens of WikiText-2 and C4), so rows of different sets are comparable.
@@ -51,7 +53,39 @@ def rows(which: str, best: tuple[str, list[str]], limit: int) -> list[tuple[str,
     if which == "zeroshot":
         zs = ["--eval", "", "--tasks", "all", "--limit", str(limit)]
         return [(f"zs-braq-l{limit}", ["--method", "braq", *zs]), (f"zs-{best[0]}-l{limit}", [*best[1], *zs])]
-    raise SystemExit(f"unknown set {which!r}: arb, hbllm, dbell, zeroshot")
+    if which == "frontier":
+        return frontier_rows()
+    raise SystemExit(f"unknown set {which!r}: arb, hbllm, dbell, zeroshot, frontier")
+
+
+ARC = ["--method", "arb-rc", "--cgb"]
+FRONTIER = [  # (name, arguments, seeds): the most telling points first, so a partial run is still useful
+    ("gptq-w4", ["--method", "gptq", "--bits", "4"], 1),
+    ("gptq-w3", ["--method", "gptq", "--bits", "3"], 3),
+    ("gptq-w2", ["--method", "gptq", "--bits", "2"], 3),
+    ("ternary", ["--method", "ternary"], 3),
+    ("braq", ["--method", "braq"], 3),
+    ("braq+col", ["--method", "braq", "--feedback", "column"], 3),
+    ("arb-rc+cgb", ARC, 3),
+    ("arb-rc+cgb+col", [*ARC, "--feedback", "column"], 3),
+    ("sign", ["--method", "sign"], 1),
+    ("sign+col", ["--method", "sign", "--feedback", "column"], 1),
+    ("row-hbraq+share-mean", ["--method", "row-hbraq", "--share-mean"], 1),
+    ("dbell+arb-rc+cgb", [*ARC, "--transform", "dbell"], 1),
+    ("dbell+arb-rc+cgb+col", [*ARC, "--transform", "dbell", "--feedback", "column"], 1),
+    ("ternary+block", ["--method", "ternary", "--feedback", "block"], 1),
+    ("gptq-w2+block", ["--method", "gptq", "--bits", "2", "--feedback", "block"], 1),
+    ("gptq-w3+block", ["--method", "gptq", "--bits", "3", "--feedback", "block"], 1),
+    ("gptq-w4+block", ["--method", "gptq", "--bits", "4", "--feedback", "block"], 1),
+]
+
+
+def frontier_rows(max_seeds: int = 3) -> list[tuple[str, list[str]]]:
+    """Every frontier point at calibration seed 0 first, then the extra seeds of the spread points."""
+    out = [(name, args) for name, args, _ in FRONTIER]
+    for seed in range(1, max_seeds):
+        out += [(f"{name}-s{seed}", [*args, "--seed", str(seed)]) for name, args, seeds in FRONTIER if seed < seeds]
+    return out
 
 
 def best_method(runs: Path) -> tuple[str, list[str]]:
@@ -87,7 +121,7 @@ def run(name: str, args: list[str], runs: Path, fp: bool, model: str) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("set", choices=["arb", "hbllm", "dbell", "zeroshot"])
+    p.add_argument("set", choices=["arb", "hbllm", "dbell", "zeroshot", "frontier"])
     p.add_argument("--best", default="auto",
                    help="for the dbell and zeroshot sets: a method with its flags, e.g. 'row-hbraq --share-mean', or "
                         "'auto' = the arb/hbllm row with the lowest WikiText-2 perplexity")
@@ -100,7 +134,7 @@ def main() -> None:
         flags = shlex.split(a.best)
         best = best_method(a.runs) if a.best == "auto" else ("-".join(flags), ["--method", *flags])
     dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in enumerate(rows(a.set, best, a.limit))]
-    md, paths = write_report(dirs, a.runs / a.set)
+    md, paths = write_report(dirs, a.runs / a.set, frontier=a.set == "frontier")
     print(md)
     print("wrote " + ", ".join(str(x) for x in paths))
 

@@ -399,11 +399,13 @@ def table(run_dirs: list[Path] = typer.Argument(..., help="directories written b
 
 @app.command()
 def report(run_dirs: list[Path] = typer.Argument(..., help="directories written by `onebit quantize --out`"),
-           out: Path = typer.Option(Path("runs/report"), help="where report.md and the PNG plots go")) -> None:
+           out: Path = typer.Option(Path("runs/report"), help="where report.md and the PNG plots go"),
+           frontier: bool = typer.Option(False, help="perplexity vs storage bpw with the Pareto front; seeds pooled "
+                                                      "(frontier.md, frontier.png)")) -> None:
     """Compare runs: one markdown table (bpw, ppl, zero-shot, seconds) and plots (ppl vs storage bpw, per-layer error)."""
     from .report import write_report
 
-    md, paths = write_report(run_dirs, out)
+    md, paths = write_report(run_dirs, out, frontier)
     typer.echo(md)
     console.print("wrote " + ", ".join(str(p) for p in paths))
 

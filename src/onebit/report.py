@@ -191,11 +191,20 @@ def plot_layer_error(reports: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def write_report(run_dirs: list[str | Path], out_dir: Path) -> tuple[str, list[Path]]:
-    """``out_dir/report.md`` (the comparison table) and the two PNGs; returns the table and the written paths."""
+def write_report(run_dirs: list[str | Path], out_dir: Path, frontier: bool = False) -> tuple[str, list[Path]]:
+    """``out_dir/report.md`` (the comparison table) and the two PNGs; returns the table and the written paths.
+    With ``frontier`` the table and the first plot are the frontier (``onebit.frontier``): runs that differ
+    only in calibration seed pooled into one point, the Pareto front marked."""
     reports = [load_report(d) for d in run_dirs]
-    md = comparison_markdown(reports)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if frontier:
+        from .frontier import fp_ppl, frontier_markdown, frontier_points, plot_frontier
+
+        points, fp = frontier_points(reports), fp_ppl(reports)
+        md = frontier_markdown(points, fp)
+        (out_dir / "frontier.md").write_text(md + "\n")
+        return md, [out_dir / "frontier.md", plot_frontier(points, fp, out_dir / "frontier.png")]
+    md = comparison_markdown(reports)
     (out_dir / "report.md").write_text(md + "\n")
     paths = [out_dir / "report.md"]
     if any(r.get("ppl") for r in reports):

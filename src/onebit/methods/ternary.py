@@ -13,6 +13,7 @@ Stored form: ``nonzero`` (n × B), ``signs`` (n × B, True = +), ``alpha`` (n ×
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -31,7 +32,9 @@ def ternary_scale(w: Tensor) -> Tensor:
 @register("ternary")
 @dataclass
 class Ternary:
-    """{−α, 0, +α} per row per block (no options)."""
+    """{−α, 0, +α} per row per block (no options); column-wise error feedback by default (a baseline)."""
+
+    default_feedback: ClassVar[str] = "column"
 
     def fit_block(self, w: Tensor, ctx: BlockContext) -> LevelFit:
         n, b = w.shape
