@@ -1,0 +1,36 @@
+"""The default path stays bit-identical: every seed method's stored forms (signs, masks, fp16 parameters) on
+a tiny model of each family hash to what the code produced before column feedback and the baselines landed
+(commit 9a061e7, recorded with ``python tests/stored_forms.py tests/fixtures/stored_forms.json``).
+
+Float results depend on the CPU's vector width and the thread count (matmul blocking), so the fingerprints are
+taken on one thread and compared only on the CPU capability and torch version they were recorded with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAMILIES
+from stored_forms import CASES, cpu_capability, fingerprint
+
+RECORDED = json.loads((Path(__file__).parent / "fixtures" / "stored_forms.json").read_text())
+FAST_FAMILIES = ("llama", "opt")
+
+
+@pytest.fixture
+def one_thread():
+    if RECORDED["cpu_capability"] != cpu_capability() or RECORDED["torch"] != torch.__version__:
+        pytest.skip(f"fingerprints recorded on {RECORDED['cpu_capability']} / torch {RECORDED['torch']}")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[] if f in FAST_FAMILIES else pytest.mark.slow) for f in FAMILIES])
+@pytest.mark.parametrize("case", list(CASES))
+def test_stored_forms_unchanged(one_thread, family, case):
+    assert fingerprint(family, case) == RECORDED["hashes"][f"{family}/{case}"]
