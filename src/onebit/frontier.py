@@ -30,6 +30,7 @@ class Point:
     paper_bpw: float
     ppl: dict[str, list[float]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=list)
+    layer_err: list[float] = field(default_factory=list)  # per run: mean tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) of its linears
 
     def median(self, d: str) -> float:
         return statistics.median(self.ppl[d])
@@ -62,6 +63,9 @@ def frontier_points(reports: list[dict[str, Any]]) -> list[Point]:
         for d, v in r["ppl"].items():
             p.ppl.setdefault(d, []).append(v)
         p.seeds.append((r.get("calibration") or {}).get("seed", 0))
+        errs = [x["rel_err"] for layer in r.get("layers") or [] for x in layer["linears"]]
+        if errs:
+            p.layer_err.append(sum(errs) / len(errs))
     return list(groups.values())
 
 
@@ -79,10 +83,11 @@ def frontier_markdown(points: list[Point], fp: dict[str, float]) -> str:
     """The frontier as a table, sorted by storage bpw; ★ marks the Pareto front of each dataset."""
     datasets = sorted({d for p in points for d in p.ppl})
     fronts = {d: {id(p) for p in pareto(points, d)} for d in datasets}
-    head = ["point", "family", "feedback", "seeds", "storage bpw", "paper bpw", *[f"{d} ppl (median [min–max])" for d in datasets]]
+    head = ["point", "family", "feedback", "seeds", "storage bpw", "paper bpw", *[f"{d} ppl (median [min–max])" for d in datasets],
+            "linear rel. err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if fp:
-        lines.append("| fp32 | – | – | – | 32 | 32 | " + " | ".join(f"{fp[d]:.2f}" if d in fp else "–" for d in datasets) + " |")
+        lines.append("| fp32 | – | – | – | 32 | 32 | " + " | ".join(f"{fp[d]:.2f}" if d in fp else "–" for d in datasets) + " | 0 |")
     for p in sorted(points, key=lambda p: p.storage_bpw):
         cells = [p.name, p.family, p.feedback, str(len(p.seeds)), f"{p.storage_bpw:.3f}", f"{p.paper_bpw:.3f}"]
         for d in datasets:
@@ -92,9 +97,11 @@ def frontier_markdown(points: list[Point], fp: dict[str, float]) -> str:
             v = p.ppl[d]
             spread = f" [{min(v):.4g}–{max(v):.4g}]" if len(v) > 1 else ""
             cells.append(f"{'★ ' if id(p) in fronts[d] else ''}{p.median(d):.4g}{spread}")
+        cells.append(f"{statistics.median(p.layer_err):.4f}" if p.layer_err else "–")
         lines.append("| " + " | ".join(cells) + " |")
     one = [p.name for p in points if len(p.seeds) == 1]
     lines.append(f"\n★ = on the Pareto front (no point has both fewer storage bits and a lower median perplexity). "
+                 f"Linear rel. err = mean over the decoder linears of tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) (median over seeds). "
                  f"Points with one calibration seed only: {', '.join(one) if one else 'none'}.")
     return "\n".join(lines)
 
