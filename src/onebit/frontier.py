@@ -37,9 +37,16 @@ class Point:
 
 
 def _key(r: dict[str, Any]) -> str:
-    """What makes two runs the same configuration: everything but the calibration seed."""
-    calib = {k: v for k, v in (r.get("calibration") or {}).items() if k not in ("seed", "source")}
-    return json.dumps([r.get("model"), r.get("config"), calib, r.get("eval")], sort_keys=True)
+    """What makes two runs the same configuration: model, quantization config (defaults filled in, so runs
+    recorded before a config field existed still match), calibration set and size, evaluation — not the seed."""
+    from .config import QuantConfig
+
+    try:
+        cfg = QuantConfig.from_dict(r.get("config") or {}).to_dict()
+    except (TypeError, ValueError):
+        cfg = r.get("config")
+    calib = {k: (r.get("calibration") or {}).get(k) for k in ("dataset", "nsamples", "seqlen")}
+    return json.dumps([r.get("model"), cfg, calib, r.get("eval")], sort_keys=True)
 
 
 def _family(r: dict[str, Any]) -> str:
