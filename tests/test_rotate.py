@@ -1,15 +1,20 @@
 """Rotation pre-pass (transforms/rotate.py): random Hadamards, exactness of the fold on every architecture,
-the online down_proj Hadamard, its effect on 1-bit error."""
+the online down_proj Hadamard (fake quant and packed), its effect on 1-bit error, and the CLI end to end."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import random_ids, tiny_config, tiny_model
+from conftest import random_ids, save_tiny_model_dir, tiny_config, tiny_model, write_tiny_data
 from test_feedback import real_hessian
+from typer.testing import CliRunner
 
 from onebit import QuantConfig, quantize
+from onebit.cli import app
 from onebit.engine.solver import quantize_linear
+from onebit.export.gguf_q1 import export_q1_gguf
 from onebit.methods import build_method
 from onebit.models import get_adapter
 from onebit.transforms import RotateOptions, apply_rotation, random_hadamard, random_orthogonal
@@ -173,3 +178,54 @@ def test_resume_reproduces_a_rotated_run(tmp_path):
         with torch.no_grad():
             logits.append(model(ids).logits)
     torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
+
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rot")
+    return save_tiny_model_dir(root / "model"), write_tiny_data(root / "data"), root
+
+
+def fake_quant_logits(model_dir, data, cfg: QuantConfig, ids: torch.Tensor) -> torch.Tensor:
+    """The CLI run below redone through the API: the fake-quant model (hooks included) on ``ids``."""
+    from onebit.data import calibration_samples
+    from onebit.models.loading import load_model
+
+    model, tok, _ = load_model(str(model_dir))
+    samples, _ = calibration_samples("wikitext2", tok, 4, 64, 0, str(data))
+    quantize(model, cfg, samples)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["heads-save", "heads-down-packed"])
+def test_cli_rotate_saves_and_reloads_the_fake_quant_logits(setup, down):
+    """`--transform rotate --rotate-heads` (folded: --save and --save-packed reload with transformers alone;
+    with --rotate-down only the packed model, whose down_proj applies the Hadamard, gives the same logits)."""
+    import onebit  # noqa: F401 - registers the quantizer
+    from transformers import AutoModelForCausalLM
+
+    model_dir, data, root = setup
+    out, packed = root / f"run-{down}", root / f"packed-{down}"
+    args = ["quantize", str(model_dir), "--method", "braq", "--calib", "wikitext2", "--nsamples", "4", "--seqlen", "64",
+            "--eval", "", "--no-fp-eval", "--data-dir", str(data), "--device", "cpu", "--out", str(out),
+            "--transform", "rotate", "--rotate-heads", "--save-packed", str(packed), *(["--rotate-down"] if down else ["--save"])]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["transform"]["mode"] == "rotate" and rep["name"] == ("rotate-heads-down+braq" if down else "rotate-heads+braq")
+    ids = torch.randint(0, 60, (2, 20), generator=torch.Generator().manual_seed(1))
+    want = fake_quant_logits(model_dir, data, QuantConfig("braq", transform="rotate", rotate_heads=True, rotate_down=down), ids)
+    dirs = [packed] if down else [packed, out / "model"]
+    for d in dirs:
+        with torch.no_grad():
+            got = AutoModelForCausalLM.from_pretrained(d)(ids).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if down:
+        res = runner.invoke(app, args + ["--save"])
+        assert res.exit_code != 0 and "--rotate-down" in res.output
+        with pytest.raises(ValueError, match="online input transform"):
+            export_q1_gguf(packed, root / "down.gguf", f16_fallback=True)
