@@ -27,7 +27,7 @@ class QuantResult:
     layers: list[LayerRecord]
     bits: Bits
     seconds: float
-    transform: dict[str, Any] = field(default_factory=dict)  # pre-pass stats (DBellQuant)
+    transform: dict[str, Any] = field(default_factory=dict)  # pre-pass stats (dbell, rotate)
     transform_scales: dict[str, Tensor] = field(default_factory=dict, repr=False)  # {linear: T}, not serialized
 
     @property
@@ -78,7 +78,7 @@ def quantize(
             raise ValueError("transforms and activation quantization need the whole model in memory: drop --stream")
         scales, transform = {}, {}
     else:
-        scales, transform = apply_prepass(net, adapter, config, calib_data)  # DBellQuant transform + act quant hooks
+        scales, transform = apply_prepass(net, adapter, config, calib_data)  # transform (dbell | rotate) + act quant hooks
     layers = quantize_model_layers(
         net, adapter, calib_data[rank::world], config.build_method(), config.engine_options(), on_layer,
         store=store, checkpoint=checkpoint, resume=resume, buffers=ActivationBuffers(offload_acts),

@@ -137,7 +137,12 @@ def quantize(
     bits: Optional[int] = typer.Option(None, help="rtn/gptq: bits per weight (2, 3, 4, 8)"),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="rtn/gptq: symmetric grid (no zero point)"),
     method_option: list[str] = typer.Option([], "--method-option", "-m", help="any method option as key=value"),
-    transform: str = typer.Option("none", help="float pre-pass: none | dbell (DBellQuant's LTDB, docs/dbellquant.md)"),
+    transform: str = typer.Option("none", help="float pre-pass: none | dbell (DBellQuant's LTDB, docs/dbellquant.md) | "
+                                                "rotate (randomized Hadamard of the residual stream, docs/rotation.md)"),
+    rotate_seed: int = typer.Option(0, help="rotate: seed of the random Hadamard matrices"),
+    rotate_heads: bool = typer.Option(False, help="rotate: also a per-head Hadamard between v_proj and o_proj (folded)"),
+    rotate_down: bool = typer.Option(False, help="rotate: also an online Hadamard on down_proj's input (a hook; "
+                                                  "not in a --save model, kept by --save-packed)"),
     act_bits: int = typer.Option(16, help="per-token activation fake quant of every decoder linear: 16 (off) | 8 | 6 | 4"),
     hessian_from_quantized_acts: bool = typer.Option(
         True, "--hessian-from-quantized-acts/--no-hessian-from-quantized-acts", help="H from x̂ (reference) or from x"),
@@ -175,9 +180,13 @@ def quantize(
                            true_sequential, _resolve_device(device),
                            transform=transform, act_bits=act_bits, hessian_from_quantized_acts=hessian_from_quantized_acts,
                            ltdb_epochs=ltdb_epochs, ltdb_lr=ltdb_lr, ltdb_p=ltdb_p, ltdb_opt=ltdb_opt,
-                           act_scales=None if act_scales is None else str(act_scales), feedback=feedback, act_order=act_order)
+                           act_scales=None if act_scales is None else str(act_scales), feedback=feedback, act_order=act_order,
+                           rotate_seed=rotate_seed, rotate_heads=rotate_heads, rotate_down=rotate_down)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if save and rotate_down:
+        raise typer.BadParameter("--save writes a plain transformers model, which cannot hold --rotate-down's online "
+                                 "Hadamard: use --save-packed")
     if (stream or resume) and out is None:
         raise typer.BadParameter("--stream and --resume need --out (the run directory holds the layer checkpoints)")
     ccfg = CalibConfig(calib, nsamples, seqlen, seed)
@@ -265,7 +274,11 @@ def _write_packed(model, tok, out_dir: Path, packed, qcfg, bits, ckpt=None) -> N
 
     options = qcfg.to_dict()["method_options"]
     if packed is not None:
-        save_packed(model, out_dir, packed, qcfg.method, options, qcfg.blocksize, bits, tok)
+        from .models import get_adapter
+        from .transforms.rotate import down_input_transforms
+
+        online = down_input_transforms(get_adapter(model), packed, qcfg.rotate_seed) if qcfg.rotate_down else None
+        save_packed(model, out_dir, packed, qcfg.method, options, qcfg.blocksize, bits, tok, online)
     else:
         n = len(model.adapter.decoder_layers(model.model))
         packed = packed_from_layers(ckpt, model.adapter.layers, n, qcfg.method, qcfg.blocksize)
@@ -285,9 +298,10 @@ def _print_packed(out_dir: Path, bits) -> None:
 
 
 def run_label(cfg) -> str:
-    """Default run name: the method (with its bits), the DBellQuant pre-pass, activation bits and error
+    """Default run name: the method (with its bits), the pre-pass (rotate's options), activation bits and error
     feedback when it is not the method's default."""
-    label = f"dbell+{cfg.method}" if cfg.transform == "dbell" else cfg.method
+    extras = [k for k, on in (("heads", cfg.rotate_heads), ("down", cfg.rotate_down)) if on]
+    label = cfg.method if cfg.transform == "none" else "-".join([cfg.transform, *extras]) + f"+{cfg.method}"
     opts = cfg.method_options
     label += f" w{opts['bits']}" if "bits" in opts else ""
     if cfg.feedback != getattr(cfg.build_method(), "default_feedback", "block"):

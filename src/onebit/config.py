@@ -11,6 +11,8 @@ from .engine.solver import FEEDBACK
 from .methods import build_method
 from .methods.base import Binarizer
 
+TRANSFORMS = ("none", "dbell", "rotate")
+
 
 @dataclass
 class QuantConfig:
@@ -42,6 +44,11 @@ class QuantConfig:
     act_scales: str | None = None
     feedback: str = "auto"
     act_order: bool | None = None
+    # Rotation pre-pass (transform "rotate", docs/rotation.md): seed of the randomized Hadamards, per-head
+    # rotation between v_proj and o_proj (folded), online Hadamard on down_proj's input (a forward hook).
+    rotate_seed: int = 0
+    rotate_heads: bool = False
+    rotate_down: bool = False
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -49,6 +56,7 @@ class QuantConfig:
         if not 0 < self.percdamp < 1:
             raise ValueError("percdamp must be in (0, 1)")
         self._validate_dbell()
+        self._validate_rotate()
         method = self.build_method()  # validates the method name and options early
         self._resolve_feedback(method)
 
@@ -72,8 +80,9 @@ class QuantConfig:
             raise ValueError("act_order needs column feedback (--feedback column)")
 
     def _validate_dbell(self) -> None:
-        if self.transform not in ("none", "dbell"):
-            raise ValueError(f"transform must be 'none' or 'dbell', got {self.transform!r}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)} (a single pre-pass: dbell's scales "
+                             f"live in the norms that rotate fuses away), got {self.transform!r}")
         if self.act_bits == 16:
             self.act_bits = None
         if self.act_bits not in (None, 4, 6, 8):
@@ -84,6 +93,13 @@ class QuantConfig:
             raise ValueError(f"ltdb_opt must be 'ltdb' or 'smoothquant', got {self.ltdb_opt!r}")
         if self.act_scales is not None and self.transform != "dbell":
             raise ValueError("act_scales is only used by transform='dbell'")
+
+    def _validate_rotate(self) -> None:
+        if (self.rotate_heads or self.rotate_down) and self.transform != "rotate":
+            raise ValueError("rotate_heads and rotate_down need transform='rotate'")
+        if self.rotate_down and self.act_bits is not None and not self.hessian_from_quantized_acts:
+            raise ValueError("rotate_down with a raw-input Hessian (hessian_from_quantized_acts=False) would miss the "
+                             "online Hadamard, which runs as a pre-hook before activation quantization")
 
     def build_method(self) -> Binarizer:
         return build_method(self.method, **self.method_options)

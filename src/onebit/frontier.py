@@ -50,8 +50,8 @@ def _key(r: dict[str, Any]) -> str:
 
 
 def _family(r: dict[str, Any]) -> str:
-    cfg = r.get("config") or {}
-    return ("dbell+" if cfg.get("transform") == "dbell" else "") + r.get("method", "?")
+    transform = (r.get("config") or {}).get("transform") or "none"
+    return ("" if transform == "none" else f"{transform}+") + r.get("method", "?")
 
 
 def frontier_points(reports: list[dict[str, Any]]) -> list[Point]:
@@ -125,7 +125,7 @@ def plot_frontier(points: list[Point], fp: dict[str, float], path: Path) -> Path
     for ax, d in zip(axes[0], datasets):
         for p in (p for p in points if d in p.ppl):
             v, med = p.ppl[d], p.median(d)
-            base = p.family.removeprefix("dbell+")
+            base = p.family.rpartition("+")[2]
             style = dict(marker=MARKERS.get(base, "o"), color=colors[p.family], markersize=7,
                          markerfacecolor="none" if p.feedback == "column" else colors[p.family])
             ax.errorbar([p.storage_bpw], [med], yerr=[[med - min(v)], [max(v) - med]], capsize=3, linestyle="none", **style)
@@ -138,7 +138,7 @@ def plot_frontier(points: list[Point], fp: dict[str, float], path: Path) -> Path
         if d in fp:
             ax.axhline(fp[d], color="k", linestyle="--", linewidth=1, label=f"fp32 ({fp[d]:.2f})")
         for f in families:
-            ax.plot([], [], linestyle="none", marker=MARKERS.get(f.removeprefix("dbell+"), "o"), color=colors[f], label=f)
+            ax.plot([], [], linestyle="none", marker=MARKERS.get(f.rpartition("+")[2], "o"), color=colors[f], label=f)
         ax.plot([], [], linestyle="none", marker="o", color="gray", markerfacecolor="none", label="hollow: column feedback")
         ax.set_xlabel("storage bits per weight (every stored bit / weights)")
         ax.set_ylabel(f"{d} perplexity (median over seeds, min–max bar)")

@@ -94,7 +94,11 @@ def export_q1_gguf(model_dir: str | Path, out_path: str | Path, f16_fallback: bo
     cfg = AutoConfig.from_pretrained(model_dir)
     if cfg.model_type not in ("llama", "mistral"):
         raise ValueError(f"GGUF export supports the llama family (llama, mistral), not {cfg.model_type!r}")
-    _, packed = load_packed(model_dir)
+    qc, packed = load_packed(model_dir)
+    online = [k for k, e in qc["modules"].items() if "input_transform" in e]
+    if online:
+        raise ValueError(f"{len(online)} linears (e.g. {online[0]}) need an online input transform (--rotate-down), "
+                         "which GGUF cannot express: quantize without --rotate-down to export")
     odd = sorted(k for k, p in packed.items() if p.shape[1] % QK)
     if odd and not f16_fallback:
         raise ValueError(

@@ -77,14 +77,17 @@ def save_packed_streamed(
 
 
 def _packed_config(packed: dict[str, PackedLinear], method: str, method_options: dict[str, Any], block_size: int,
-                   bits: Bits | None) -> dict[str, Any]:
+                   bits: Bits | None, input_transforms: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The ``quantization_config`` of a packed checkpoint, with the run's bpw report when given."""
     report = None if bits is None else dict(storage_bpw=bits.storage_bpw, paper_bpw=bits.paper_bpw)
-    return quantization_config(method, method_options, block_size, packed, bits_report=report)
+    return quantization_config(method, method_options, block_size, packed, bits_report=report,
+                               input_transforms=input_transforms)
 
 
-def replace_linears(model: nn.Module, packed: dict[str, PackedLinear]) -> None:
-    """Swap each packed linear of ``model`` for an ``OnebitLinear`` holding its packed tensors (in place)."""
+def replace_linears(model: nn.Module, packed: dict[str, PackedLinear],
+                    input_transforms: dict[str, dict[str, Any]] | None = None) -> None:
+    """Swap each packed linear of ``model`` for an ``OnebitLinear`` holding its packed tensors (in place);
+    ``input_transforms`` replace the online hooks of the linears they name."""
     from ..nn.linear import OnebitLinear
 
     for name, p in packed.items():
@@ -92,19 +95,23 @@ def replace_linears(model: nn.Module, packed: dict[str, PackedLinear]) -> None:
         if tuple(old.weight.shape) != p.shape:
             raise PackedFormatError(f"{name}: model weight {tuple(old.weight.shape)} != packed {p.shape}")
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, OnebitLinear.from_packed(p, old.bias))
+        new = OnebitLinear.from_packed(p, old.bias)
+        new.set_input_transform((input_transforms or {}).get(name))
+        setattr(model.get_submodule(parent_name), child, new)
 
 
 def save_packed(
     model: nn.Module, out_dir: str | Path, packed: dict[str, PackedLinear], method: str, method_options: dict[str, Any],
     block_size: int, bits: Bits | None = None, tokenizer: Any = None,
+    input_transforms: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Write a packed checkpoint of ``model`` (its packed linears replaced in place); returns the config block."""
+    """Write a packed checkpoint of ``model`` (its packed linears replaced in place); returns the config block.
+    ``input_transforms``: {module: online transform entry} (rotate's ``--rotate-down``)."""
     from ..integrations.transformers import OnebitConfig
 
     out = Path(out_dir)
-    qc = _packed_config(packed, method, method_options, block_size, bits)
-    replace_linears(model, packed)
+    qc = _packed_config(packed, method, method_options, block_size, bits, input_transforms)
+    replace_linears(model, packed, input_transforms)
     model.config.quantization_config = OnebitConfig(**qc)
     model.save_pretrained(out)
     if tokenizer is not None:

@@ -211,8 +211,11 @@ class PackedLinear:
 def quantization_config(
     method: str, method_options: dict[str, Any], block_size: int, packed: dict[str, PackedLinear],
     overrides: dict[str, dict[str, Any]] | None = None, bits_report: dict[str, float] | None = None,
+    input_transforms: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The ``quantization_config`` block of config.json (also the loader's manifest)."""
+    """The ``quantization_config`` block of config.json (also the loader's manifest). ``input_transforms``:
+    {module: online transform entry} (rotate's down_proj Hadamard), stored in those modules' entries."""
+    transforms = input_transforms or {}
     layouts: dict[str, list[list[str]]] = {}
     for p in packed.values():
         if layouts.setdefault(p.method, p.layout) != p.layout:
@@ -220,7 +223,9 @@ def quantization_config(
     return dict(
         quant_method=QUANT_METHOD, format_version=FORMAT_VERSION, method=method, method_options=method_options,
         block_size=block_size, param_layout=layouts, overrides=overrides or {},
-        modules={name: p.manifest() for name, p in packed.items()}, storage=storage_summary(packed, bits_report),
+        modules={name: {**p.manifest(), **({"input_transform": transforms[name]} if name in transforms else {})}
+                 for name, p in packed.items()},
+        storage=storage_summary(packed, bits_report),
     )
 
 

@@ -99,6 +99,7 @@ class OnebitHfQuantizer(HfQuantizer):
                 raise PackedFormatError(f"{name}: packed tensors missing from the checkpoint")
             mod.packed().validate(entry, name)
             mod.prepare()
+            mod.set_input_transform(entry.get("input_transform"))
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

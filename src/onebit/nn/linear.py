@@ -7,6 +7,9 @@ Forward paths, chosen per call:
   (``kernel_max_tokens`` = None): on the AVX-512 CPU it was measured on, it beats dense fp32 ``torch.matmul``
   from 1 to 2048 tokens (benchmarks/packed_matmul.py), so decoding and prefill both use it. The Triton
   kernel is a GEMV: on CUDA it takes at most ``gpu_kernel_max_tokens`` (16), prefill runs dense;
+* an optional online ``input_transform`` T (rotate's ``--rotate-down`` randomized Hadamard) multiplies the
+  input first, y = Ŵ·(x·T): applied from its manifest entry (kind, seed) by a fast Walsh–Hadamard
+  transform, nothing stored;
 * dense: Ŵ decoded with the method's own ``decode_block`` (``PackedLinear.dequantize``) then ``F.linear``
   — the pure-PyTorch reference, used for other methods, above ``kernel_max_tokens`` and when the extension
   is missing. With ``dense_cache`` on, the decoded Ŵ is kept for that path (fast, fp32 memory).
@@ -49,6 +52,8 @@ class OnebitLinear(nn.Module):
         self._table: Tensor | None = None
         self._layout_id: int | None = None
         self._gpu_tables: tuple[Tensor, Tensor] | None = None  # Triton: (block table, column ranks) on the device
+        self.input_transform: dict[str, Any] | None = None  # manifest entry of an online x ← x·T
+        self._transform_seed: int | None = None
 
     @classmethod
     def from_packed(cls, packed: PackedLinear, bias: Tensor | None = None) -> "OnebitLinear":
@@ -62,6 +67,18 @@ class OnebitLinear(nn.Module):
             mod.bias.data.copy_(bias.detach())
         mod.prepare()
         return mod
+
+    def set_input_transform(self, spec: dict[str, Any] | None) -> None:
+        """x ← x·T before the weight, T from a manifest ``input_transform`` entry (None: no transform)."""
+        from ..transforms.rotate import transform_seed
+
+        self.input_transform = spec
+        self._transform_seed = None if spec is None else transform_seed(spec)
+
+    def _transform_input(self, x: Tensor) -> Tensor:
+        from ..transforms.rotate import apply_hadamard
+
+        return x if self._transform_seed is None else apply_hadamard(x, self._transform_seed)
 
     def packed(self) -> PackedLinear:
         return PackedLinear(self.method, (self.out_features, self.in_features), self.block_size, self.layout,
@@ -99,6 +116,7 @@ class OnebitLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.kernel_ok(x2.shape[0], x2):
+            x2 = self._transform_input(x2)
             y = self._triton(x2) if x2.is_cuda else kernels.packed_gemm(
                 x2.float(), self.packed_bits, self.packed_fp16, self._table, self.out_features, self._layout_id)
             y = y.to(x.dtype)
@@ -120,10 +138,11 @@ class OnebitLinear(nn.Module):
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """Pure PyTorch: decode Ŵ with the method's ``decode_block`` and multiply (the tests' reference)."""
-        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        return F.linear(self._transform_input(x), self.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}"
+        transform = "" if self.input_transform is None else f", input_transform={self.input_transform}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}{transform}"
 
 
 def set_dense_cache(model: nn.Module, on: bool = True) -> None:

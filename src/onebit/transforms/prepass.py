@@ -11,6 +11,7 @@ from ..engine.actquant import install_act_quant
 from ..models.base import ArchAdapter
 from .act_scales import compute_act_scales, load_act_scales
 from .dbell import LTDBOptions, apply_dbell
+from .rotate import RotateOptions, apply_rotation
 
 if TYPE_CHECKING:
     from ..config import QuantConfig
@@ -21,8 +22,9 @@ log = logging.getLogger("onebit")
 def apply_prepass(
     model: nn.Module, adapter: ArchAdapter, config: QuantConfig, calib_data: Tensor
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Apply ``config.transform`` (act scales from ``config.act_scales`` or from ``calib_data``), then install
-    the ``config.act_bits`` fake-quant hooks, which stay on the model. Returns ({linear: T}, stats)."""
+    """Apply ``config.transform`` (dbell: act scales from ``config.act_scales`` or from ``calib_data``;
+    rotate: its online hooks first), then install the ``config.act_bits`` fake-quant hooks; all hooks stay on
+    the model. Returns ({linear: T} for dbell, stats)."""
     scales: dict[str, Tensor] = {}
     stats: dict[str, Any] = {}
     if config.transform == "dbell":
@@ -34,6 +36,8 @@ def apply_prepass(
         mode = config.ltdb_opt if adapter.family == "opt" else "ltdb"
         opts = LTDBOptions(epochs=config.ltdb_epochs, lr=config.ltdb_lr, p=config.ltdb_p)
         scales, stats = apply_dbell(model, adapter, act, opts, mode)
+    elif config.transform == "rotate":
+        stats = apply_rotation(model, adapter, RotateOptions(config.rotate_seed, config.rotate_heads, config.rotate_down))
     if config.act_bits is not None:
         install_act_quant(model, adapter, config.act_bits)
     return scales, stats
