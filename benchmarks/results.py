@@ -33,7 +33,7 @@ PPL = ["--eval", "wikitext2,c4", "--eval-windows", "8"]
 ACT_BITS = (16, 8, 6)
 
 
-def rows(which: str, best: tuple[str, list[str]], limit: int) -> list[tuple[str, list[str]]]:
+def rows(which: str, best: tuple[str, list[str]], limit: int, seeds: int = 3) -> list[tuple[str, list[str]]]:
     """(run name, onebit quantize arguments) of each row of a set; the first row also evaluates fp.
     ``best``: (name, arguments) of the best weight-only method, for the dbell and zeroshot sets."""
     if which == "arb":
@@ -54,7 +54,7 @@ def rows(which: str, best: tuple[str, list[str]], limit: int) -> list[tuple[str,
         zs = ["--eval", "", "--tasks", "all", "--limit", str(limit)]
         return [(f"zs-braq-l{limit}", ["--method", "braq", *zs]), (f"zs-{best[0]}-l{limit}", [*best[1], *zs])]
     if which == "frontier":
-        return frontier_rows()
+        return frontier_rows(seeds)
     raise SystemExit(f"unknown set {which!r}: arb, hbllm, dbell, zeroshot, frontier")
 
 
@@ -76,12 +76,12 @@ FRONTIER = [  # (name, arguments, seeds): the most telling points first, so a pa
     ("ternary+block", ["--method", "ternary", "--feedback", "block"], 1),
     ("gptq-w2+block", ["--method", "gptq", "--bits", "2", "--feedback", "block"], 1),
     ("gptq-w3+block", ["--method", "gptq", "--bits", "3", "--feedback", "block"], 1),
-    ("gptq-w4+block", ["--method", "gptq", "--bits", "4", "--feedback", "block"], 1),
 ]
 
 
 def frontier_rows(max_seeds: int = 3) -> list[tuple[str, list[str]]]:
-    """Every frontier point at calibration seed 0 first, then the extra seeds of the spread points."""
+    """Every frontier point at calibration seed 0 first, then the extra seeds of the spread points
+    (``--seeds`` caps them: 1 = seed 0 only)."""
     out = [(name, args) for name, args, _ in FRONTIER]
     for seed in range(1, max_seeds):
         out += [(f"{name}-s{seed}", [*args, "--seed", str(seed)]) for name, args, seeds in FRONTIER if seed < seeds]
@@ -126,6 +126,7 @@ def main() -> None:
                    help="for the dbell and zeroshot sets: a method with its flags, e.g. 'row-hbraq --share-mean', or "
                         "'auto' = the arb/hbllm row with the lowest WikiText-2 perplexity")
     p.add_argument("--limit", type=int, default=100, help="zero-shot: first N documents per task")
+    p.add_argument("--seeds", type=int, default=3, help="frontier: calibration seeds of the spread points")
     p.add_argument("--runs", type=Path, default=Path("runs/results"))
     p.add_argument("--model", default="smollm2")
     a = p.parse_args()
@@ -133,7 +134,7 @@ def main() -> None:
     if a.set in ("dbell", "zeroshot"):
         flags = shlex.split(a.best)
         best = best_method(a.runs) if a.best == "auto" else ("-".join(flags), ["--method", *flags])
-    dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in enumerate(rows(a.set, best, a.limit))]
+    dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in enumerate(rows(a.set, best, a.limit, a.seeds))]
     md, paths = write_report(dirs, a.runs / a.set, frontier=a.set == "frontier")
     print(md)
     print("wrote " + ", ".join(str(x) for x in paths))
