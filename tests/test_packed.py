@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from conftest import random_ids, tiny_model
 from onebit import QuantConfig, quantize
+from onebit.engine.plan import fixed_block
 from onebit.engine.solver import quantize_linear
 from onebit.formats.bitpack import pack_bits, unpack_bits
 from onebit.formats.checkpoint import PackCollector, load_packed, measured_bpw, save_packed
@@ -28,6 +29,12 @@ from onebit.nn import OnebitLinear, kernels, packed_modules, set_dense_cache
 
 PACKABLE = [m for m in available_methods() if m not in UNPACKABLE]
 FAST = settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def block_and_width(method: str, m: int, block: int) -> tuple[int, int]:
+    """A fixed-block method (a GGUF type) takes its own block and whole blocks only: 1 or 2 of them."""
+    fixed = fixed_block(method)
+    return (block, m) if fixed is None else (fixed, fixed * (1 + m % 2))
 
 
 @lru_cache(maxsize=None)
@@ -79,6 +86,7 @@ def test_row_tiles_by_hand():
 @FAST
 @given(n=st.integers(1, 25), m=st.integers(16, 200), block=st.sampled_from([128, 64, 40]))
 def test_pack_unpack_bit_exact(method, n, m, block):
+    block, m = block_and_width(method, m, block)
     res = quantized(method, n, m, block)
     packed = PackedLinear.from_blocks(method, res.blocks, (n, m), block)
     assert torch.equal(packed.dequantize(), res.q)
@@ -91,6 +99,15 @@ def test_pack_unpack_bit_exact(method, n, m, block):
     assert 0 <= packed.payload_bytes() * 8 - packed.exact_bits() < 8  # one bit stream: < 1 byte of padding
 
 
+def test_packed_linear_keeps_its_method_options():
+    """rtn at 2 bits decodes with its options (the manifest records them per module), not rtn's default 4."""
+    res = quantized("rtn", 21, 200, 64, options=(("bits", 2),))
+    packed = PackedLinear.from_blocks("rtn", res.blocks, (21, 200), 64, {"bits": 2})
+    assert packed.manifest()["options"] == {"bits": 2}
+    assert torch.equal(packed.dequantize(), res.q)
+    assert torch.equal(OnebitLinear.from_packed(packed).dequantize(), res.q)
+
+
 def test_identity_is_not_packable():
     with pytest.raises(PackedFormatError, match="cannot be packed"):
         PackCollector(get_adapter(tiny_model("llama", 1)), "identity", 128)
@@ -99,10 +116,11 @@ def test_identity_is_not_packable():
 # ---- packed forward ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", PACKABLE)
 def test_packed_forward_equals_dense(method):
-    n, m = 21, 200
-    res = quantized(method, n, m, 64)
+    block, m = block_and_width(method, 200, 64)
+    n = 21
+    res = quantized(method, n, m, block)
     bias = torch.randn(n)
-    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), 64), bias)
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), block), bias)
     for tokens in (1, 7, 16, 33):  # the packed kernel where the layout has one, else the dense path
         x = torch.randn(2, tokens, m)
         ref = (x.double() @ res.q.double().T + bias.double()).float()  # float64 reference of y = Ŵx + b
@@ -192,6 +210,7 @@ def test_kernel_reads_any_parameter_order():
 TRITON_CHECK = r"""
 import sys, torch
 from torch.nn import functional as F
+from onebit.engine.plan import fixed_block
 from onebit.engine.solver import quantize_linear
 from onebit.formats.packed import PackedLinear
 from onebit.methods import build_method
