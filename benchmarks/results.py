@@ -12,6 +12,9 @@ from its last finished layer (`--resume`), so re-running the command after an in
     .venv/bin/python benchmarks/results.py zeroshot   # issue #8: fp, braq, BEST on the seven tasks
     .venv/bin/python benchmarks/results.py frontier   # issue #17: seed methods and k-bit/ternary baselines,
                                                       # block and column feedback, ppl vs storage bpw
+    .venv/bin/python benchmarks/results.py gguf       # issue #19: q1_0, tq1_0, tq2_0, q2_k (block/column
+                                                      # feedback, ± rotation) exported to GGUF and reloaded
+                                                      # by transformers; braq / arb-rc's Q1_0 projection
 
 Every row uses the demo setting (16 × 1024 C4 calibration tokens; perplexity on the first 8 windows of
 2048 tokens of WikiText-2 and C4), so rows of different sets are comparable.
@@ -55,7 +58,9 @@ def rows(which: str, best: tuple[str, list[str]], limit: int, seeds: int = 3) ->
         return [(f"zs-braq-l{limit}", ["--method", "braq", *zs]), (f"zs-{best[0]}-l{limit}", [*best[1], *zs])]
     if which == "frontier":
         return frontier_rows(seeds)
-    raise SystemExit(f"unknown set {which!r}: arb, hbllm, dbell, zeroshot, frontier")
+    if which == "gguf":
+        return gguf_rows()
+    raise SystemExit(f"unknown set {which!r}: arb, hbllm, dbell, zeroshot, frontier, gguf")
 
 
 ARC = ["--method", "arb-rc", "--cgb"]
@@ -86,6 +91,79 @@ def frontier_rows(max_seeds: int = 3) -> list[tuple[str, list[str]]]:
     for seed in range(1, max_seeds):
         out += [(f"{name}-s{seed}", [*args, "--seed", str(seed)]) for name, args, seeds in FRONTIER if seed < seeds]
     return out
+
+
+GGUF_TYPES = ("q1_0", "tq1_0", "tq2_0", "q2_k")
+
+
+def rotation_available() -> bool:
+    """Whether this onebit has the rotation pre-pass (``--transform rotate``, its own issue)."""
+    from onebit.config import QuantConfig
+
+    try:
+        QuantConfig(transform="rotate")
+    except ValueError:
+        return False
+    return True
+
+
+def gguf_rows() -> list[tuple[str, list[str]]]:
+    """braq first (fp eval, shared with the arb set; exported as the Q1_0 projection), each GGUF type with column
+    (its default) and block feedback, with and without rotation (it changes tensors outside the linears: --save
+    keeps them for the export), then arb-rc + CGB (the frontier's, also projected)."""
+    rots = (False, True) if rotation_available() else (False,)
+    typed = [(f"gguf-{t}{'+block' if fb == 'block' else ''}{'+rot' if rot else ''}",
+              ["--method", t, "--feedback", fb, *(["--transform", "rotate", "--save"] if rot else [])])
+             for rot in rots for t in GGUF_TYPES for fb in ("column", "block")]
+    return [("braq", ["--method", "braq"]), *typed, ("arb-rc+cgb", ARC)]
+
+
+def export_gguf(run_dir: Path) -> dict:
+    """``onebit export-gguf RUN RUN/model.gguf --eval wikitext2,c4`` (the run's eval windows): its summary,
+    reused while newer than the run's report."""
+    out, saved = run_dir / "model.gguf", run_dir / "gguf.json"
+    if out.exists() and saved.exists() and saved.stat().st_mtime > (run_dir / "report.json").stat().st_mtime:
+        return json.loads(saved.read_text())
+    cmd = [str(Path(sys.executable).parent / "onebit"), "export-gguf", str(run_dir), str(out), "--eval", "wikitext2,c4"]
+    print(f"[results] {shlex.join(cmd)}", flush=True)
+    summary = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
+    saved.write_text(json.dumps(summary))
+    return summary
+
+
+def gguf_table(dirs: list[Path], summaries: list[dict]) -> str:
+    """One row per run: onebit's perplexity, the reloaded GGUF's, storage bpw (onebit's checkpoint), the GGUF
+    linears' bpw (fallbacks included) and the file size."""
+    head = ["run", "GGUF types (linears)", "onebit wikitext2", "GGUF wikitext2", "onebit c4", "GGUF c4", "storage bpw",
+            "GGUF linear bpw", "file MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d, s in zip(dirs, summaries):
+        rep = json.loads((d / "report.json").read_text())
+        types = ", ".join(f"{t} ({g['linears']})" for t, g in s["by_type"].items())
+        ppl, gg = rep.get("ppl") or {}, s.get("ppl_gguf") or {}
+        cells = [rep.get("name", d.name), types]
+        for k in ("wikitext2", "c4"):
+            cells += [f"{x.get(k, float('nan')):.2f}" for x in (ppl, gg)]
+        cells += [f"{rep['storage_bpw']:.4f}", f"{s['linear_bpw']:.4f}", f"{s['file_bytes'] / 2**20:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def projection_reports(dirs: list[Path], summaries: list[dict], out: Path) -> list[Path]:
+    """For the frontier figure: a report per projected export (a seed method's Q1_0 projection) with the GGUF
+    linears' bpw and the reloaded file's perplexity, marked as a configuration of its own."""
+    made = []
+    for d, s in zip(dirs, summaries):
+        if s["exact"]:
+            continue
+        rep = json.loads((d / "report.json").read_text())
+        rep.update(name=f"{rep.get('name', d.name)} → Q1_0 projection", storage_bpw=s["linear_bpw"], ppl=s["ppl_gguf"],
+                   config={**rep["config"], "export": "gguf-q1_0-projection"}, layers=[])
+        rep.pop("paper_bpw", None)
+        (out / d.name).mkdir(parents=True, exist_ok=True)
+        (out / d.name / "report.json").write_text(json.dumps(rep))
+        made.append(out / d.name)
+    return made
 
 
 def best_method(runs: Path) -> tuple[str, list[str]]:
@@ -121,7 +199,7 @@ def run(name: str, args: list[str], runs: Path, fp: bool, model: str) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("set", choices=["arb", "hbllm", "dbell", "zeroshot", "frontier"])
+    p.add_argument("set", choices=["arb", "hbllm", "dbell", "zeroshot", "frontier", "gguf"])
     p.add_argument("--best", default="auto",
                    help="for the dbell and zeroshot sets: a method with its flags, e.g. 'row-hbraq --share-mean', or "
                         "'auto' = the arb/hbllm row with the lowest WikiText-2 perplexity")
@@ -135,7 +213,14 @@ def main() -> None:
         flags = shlex.split(a.best)
         best = best_method(a.runs) if a.best == "auto" else ("-".join(flags), ["--method", *flags])
     dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in enumerate(rows(a.set, best, a.limit, a.seeds))]
-    md, paths = write_report(dirs, a.runs / a.set, frontier=a.set == "frontier")
+    if a.set == "gguf":
+        summaries = [export_gguf(d) for d in dirs]
+        table = gguf_table(dirs, summaries)
+        (a.runs / "gguf").mkdir(parents=True, exist_ok=True)
+        (a.runs / "gguf" / "gguf.md").write_text(table + "\n")
+        print(table)
+        dirs += projection_reports(dirs, summaries, a.runs / "gguf" / "projections")
+    md, paths = write_report(dirs, a.runs / a.set, frontier=a.set in ("frontier", "gguf"))
     print(md)
     print("wrote " + ", ".join(str(x) for x in paths))
 

@@ -1,5 +1,5 @@
 """Packed checkpoints: bit packing, pack → unpack exactness for every method, packed forward (C++ kernel and
-reference) against the dense product, clear errors for damaged checkpoints, transformers round trip, Q1_0."""
+reference) against the dense product, clear errors for damaged checkpoints, transformers round trip (GGUF: tests/test_gguf.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -18,8 +17,10 @@ from conftest import random_ids, tiny_model
 from onebit import QuantConfig, quantize
 from onebit.engine.solver import quantize_linear
 from onebit.formats.bitpack import pack_bits, unpack_bits
-from onebit.formats.checkpoint import PackCollector, load_packed, measured_bpw, save_packed
-from onebit.formats.packed import UNPACKABLE, PackedFormatError, PackedLinear, from_tiles, to_tiles
+from onebit.engine.plan import fixed_block
+from onebit.export.packed import PackCollector, save_packed
+from onebit.formats.checkpoint import load_packed, measured_bpw
+from onebit.formats.packed import UNPACKABLE, PackedFormatError, PackedLinear, check_packable, from_tiles, to_tiles
 from onebit.formats.repack import repack_linear
 from onebit.methods import available_methods, build_method
 from onebit.methods.base import storage_bits
@@ -28,6 +29,12 @@ from onebit.nn import OnebitLinear, kernels, packed_modules, set_dense_cache
 
 PACKABLE = [m for m in available_methods() if m not in UNPACKABLE]
 FAST = settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def block_and_width(method: str, m: int, block: int) -> tuple[int, int]:
+    """A fixed-block method (a GGUF type) takes its own block and whole blocks only: 1 or 2 of them."""
+    fixed = fixed_block(method)
+    return (block, m) if fixed is None else (fixed, fixed * (1 + m % 2))
 
 
 @lru_cache(maxsize=None)
@@ -79,6 +86,7 @@ def test_row_tiles_by_hand():
 @FAST
 @given(n=st.integers(1, 25), m=st.integers(16, 200), block=st.sampled_from([128, 64, 40]))
 def test_pack_unpack_bit_exact(method, n, m, block):
+    block, m = block_and_width(method, m, block)
     res = quantized(method, n, m, block)
     packed = PackedLinear.from_blocks(method, res.blocks, (n, m), block)
     assert torch.equal(packed.dequantize(), res.q)
@@ -91,18 +99,28 @@ def test_pack_unpack_bit_exact(method, n, m, block):
     assert 0 <= packed.payload_bytes() * 8 - packed.exact_bits() < 8  # one bit stream: < 1 byte of padding
 
 
+def test_packed_linear_keeps_its_method_options():
+    """rtn at 2 bits decodes with its options (the manifest records them per module), not rtn's default 4."""
+    res = quantized("rtn", 21, 200, 64, options=(("bits", 2),))
+    packed = PackedLinear.from_blocks("rtn", res.blocks, (21, 200), 64, {"bits": 2})
+    assert packed.manifest()["options"] == {"bits": 2}
+    assert torch.equal(packed.dequantize(), res.q)
+    assert torch.equal(OnebitLinear.from_packed(packed).dequantize(), res.q)
+
+
 def test_identity_is_not_packable():
     with pytest.raises(PackedFormatError, match="cannot be packed"):
-        PackCollector(get_adapter(tiny_model("llama", 1)), "identity", 128)
+        check_packable("identity")
 
 
 # ---- packed forward ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", PACKABLE)
 def test_packed_forward_equals_dense(method):
-    n, m = 21, 200
-    res = quantized(method, n, m, 64)
+    block, m = block_and_width(method, 200, 64)
+    n = 21
+    res = quantized(method, n, m, block)
     bias = torch.randn(n)
-    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), 64), bias)
+    mod = OnebitLinear.from_packed(PackedLinear.from_blocks(method, res.blocks, (n, m), block), bias)
     for tokens in (1, 7, 16, 33):  # the packed kernel where the layout has one, else the dense path
         x = torch.randn(2, tokens, m)
         ref = (x.double() @ res.q.double().T + bias.double()).float()  # float64 reference of y = Ŵx + b
@@ -233,7 +251,7 @@ def packed_dir(tmp_path_factory):
     """A packed braq checkpoint of a tiny llama, with the fake-quant model's logits."""
     model = tiny_model("llama", 1)
     ids = random_ids(2, 24)
-    col = PackCollector(get_adapter(model), "braq", 128)
+    col = PackCollector(get_adapter(model))
     res = quantize(model, QuantConfig(method="braq"), ids, on_layer=col)
     with torch.no_grad():
         logits = model(ids).logits
@@ -335,76 +353,3 @@ def test_repack_sign_exact_and_braq_refused():
     assert packed.exact_bits() == res.bits.storage
     with pytest.raises(PackedFormatError, match="save-packed"):
         repack_linear("braq", quantized("braq", 21, 200, 64).q, 64)
-
-
-# ---- GGUF Q1_0 -------------------------------------------------------------------------------------------
-def test_q1_0_block_layout_by_hand():
-    from onebit.export.gguf_q1 import dequantize_q1_0, quantize_q1_0
-
-    w = torch.full((1, 128), -0.5)
-    w[0, [0, 9, 127]] = torch.tensor([1.5, 0.5, 2.5])
-    raw = quantize_q1_0(w)
-    d = np.float16((1.5 + 0.5 + 2.5 + 125 * 0.5) / 128)
-    expected = bytearray(d.tobytes()) + bytearray(16)
-    expected[2 + 0] |= 1  # weight 0 → byte 0 bit 0
-    expected[2 + 1] |= 1 << 1  # weight 9 → byte 1 bit 1
-    expected[2 + 15] |= 1 << 7  # weight 127 → byte 15 bit 7
-    assert raw.tobytes() == bytes(expected)
-    back = dequantize_q1_0(raw, 1, 128)
-    assert torch.equal(back, torch.where(w > 0, 1.0, -1.0) * float(d))
-
-
-def _packed_llama(tmp_path: Path, intermediate: int):
-    """A 1-layer llama (hidden 128) packed with ``sign``, with a byte-level tokenizer; (dir, config)."""
-    import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    col = PackCollector(get_adapter(model), "sign", 128)
-    res = quantize(model, QuantConfig(method="sign"), random_ids(2, 16), on_layer=col)
-    tk = Tokenizer(models.BPE({chr(33 + i): i for i in range(96)}, []))
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    d = tmp_path / "p"
-    save_packed(model, d, col.packed, "sign", {}, 128, res.bits, PreTrainedTokenizerFast(tokenizer_object=tk))
-    return d, cfg
-
-
-def test_export_gguf_roundtrip(tmp_path):
-    """A Q1_0-compatible llama (in_features multiple of 128) packed with ``sign``, exported and read back."""
-    from onebit.export.gguf_q1 import dequantize_q1_0, export_q1_gguf, quantize_q1_0, read_q1_gguf
-
-    d, cfg = _packed_llama(tmp_path, 256)
-    out = tmp_path / "m.gguf"
-    summary = export_q1_gguf(d, out)
-    assert summary["q1_bpw"] == 1.125 and summary["q1_fraction"] == 1.0
-    got = read_q1_gguf(out, cfg)
-    _, packed = load_packed(d)
-    assert len(got) == len(packed) == 7
-    for name, p in packed.items():
-        w = p.dequantize()
-        # sign blocks are μ ± α; Q1_0 keeps sign(Ŵ) and mean |Ŵ|
-        assert torch.equal(got[f"{name}.weight"], dequantize_q1_0(quantize_q1_0(w), *w.shape))
-        assert torch.equal(got[f"{name}.weight"] > 0, w > 0)
-
-
-def test_export_gguf_f16_fallback(tmp_path):
-    """in_features 192 (down_proj) has no Q1_0 form: refused, or written as F16 Ŵ with --f16-fallback."""
-    from onebit.export.gguf_q1 import dequantize_q1_0, export_q1_gguf, quantize_q1_0, read_q1_gguf
-
-    d, cfg = _packed_llama(tmp_path, 192)
-    with pytest.raises(ValueError, match="mlp.down_proj: 192.*f16_fallback"):
-        export_q1_gguf(d, tmp_path / "refused.gguf")
-    summary = export_q1_gguf(d, tmp_path / "m.gguf", f16_fallback=True)
-    _, packed = load_packed(d)
-    down = [k for k in packed if k.endswith("down_proj")]
-    assert summary["f16_fallback_weights"] == sum(packed[k].weights for k in down)
-    assert summary["q1_weights"] == sum(p.weights for k, p in packed.items() if k not in down)
-    got = read_q1_gguf(tmp_path / "m.gguf", cfg)
-    for name, p in packed.items():
-        w = p.dequantize()
-        want = w.half().float() if name in down else dequantize_q1_0(quantize_q1_0(w), *w.shape)
-        assert torch.equal(got[f"{name}.weight"], want)

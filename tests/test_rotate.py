@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from onebit import QuantConfig, quantize
 from onebit.cli import app
 from onebit.engine.solver import quantize_linear
-from onebit.export.gguf_q1 import export_q1_gguf
+from onebit.export.gguf import export_gguf, open_source
 from onebit.methods import build_method
 from onebit.models import get_adapter
 from onebit.transforms import RotateOptions, apply_rotation, random_hadamard, random_orthogonal
@@ -228,4 +228,4 @@ def test_cli_rotate_saves_and_reloads_the_fake_quant_logits(setup, down):
         res = runner.invoke(app, args + ["--save"])
         assert res.exit_code != 0 and "--rotate-down" in res.output
         with pytest.raises(ValueError, match="online input transform"):
-            export_q1_gguf(packed, root / "down.gguf", f16_fallback=True)
+            export_gguf(open_source(packed), root / "down.gguf")

@@ -141,8 +141,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 
 def test_layer_files_hold_blocks_not_weights(tmp_path, caplog):
-    """Weights are rebuilt from the stored blocks (bit-exact), not stored again in fp32; a reader without the
-    run's method refuses the file; weights the blocks do not reproduce are stored as they are."""
+    """Weights are rebuilt from the stored blocks (bit-exact), not stored again in fp32, with the method and block
+    size each linear's record names (a record without them, written before per-linear plans, needs the run's
+    plan: a reader without it refuses the file); weights the blocks do not reproduce are stored as they are."""
     from safetensors import safe_open
 
     path = save_tiny_model_dir(tmp_path / "m", "llama", layers=2)
@@ -157,8 +158,13 @@ def test_layer_files_hold_blocks_not_weights(tmp_path, caplog):
     # the file ≈ the layer's storage bits (packed bit planes, fp16 scales) plus the safetensors header
     storage = sum(r["bits"]["sign"] + r["bits"]["bitmap"] + r["bits"]["params"] for r in record["linears"])
     assert ck.path(0).stat().st_size * 8 < 1.3 * storage
-    assert LayerCheckpoint(tmp_path / "ck", {"method": "braq"}).load(0) is None and "no method is bound" in caplog.text
+    unbound = LayerCheckpoint(tmp_path / "ck", {"method": "braq"})
+    assert all(torch.equal(unbound.load(0)[0][n], w) for n, w in weights.items())
+    blocks = {n: ck.blocks(0, n) for n in weights}
+    ck.save(0, weights, blocks, {**record, "linears": [{k: v for k, v in r.items() if k != "plan"} for r in record["linears"]]})
+    assert unbound.load(0) is None and "no plan is bound" in caplog.text
+    assert all(torch.equal(ck.load(0)[0][n], w) for n, w in weights.items())
     odd = {n: w + 1 for n, w in weights.items()}
-    ck.save(0, odd, {n: ck.blocks(0, n) for n in weights}, record)
+    ck.save(0, odd, blocks, record)
     got, _ = ck.load(0)
     assert all(torch.equal(got[n], odd[n]) for n in odd)

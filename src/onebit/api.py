@@ -80,7 +80,7 @@ def quantize(
     else:
         scales, transform = apply_prepass(net, adapter, config, calib_data)  # transform (dbell | rotate) + act quant hooks
     layers = quantize_model_layers(
-        net, adapter, calib_data[rank::world], config.build_method(), config.engine_options(), on_layer,
+        net, adapter, calib_data[rank::world], config.plan(), config.engine_options(), on_layer,
         store=store, checkpoint=checkpoint, resume=resume, buffers=ActivationBuffers(offload_acts),
     )
     return QuantResult(config, layers, total_bits(layers), time.perf_counter() - t0, transform, scales)

@@ -118,6 +118,9 @@ def quantize(
     feedback: str = typer.Option("auto", help="error feedback: block (BiLLM) | column (GPTQ) | none | auto (the method's paper)"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
                                              help="static act-order with column feedback (default: on for gptq only)"),
+    fallback: str = typer.Option("auto", help="GGUF-type methods (fixed block): the method of linears whose "
+                                              "in_features the block does not divide; auto = llama.cpp's (q4_0, then "
+                                              "f16); none = refuse them"),
     true_sequential: bool = typer.Option(False, help="re-collect Hessians after each linear group"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
     data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA", help="data directory (default ../shared/data)"),
@@ -181,7 +184,8 @@ def quantize(
                            transform=transform, act_bits=act_bits, hessian_from_quantized_acts=hessian_from_quantized_acts,
                            ltdb_epochs=ltdb_epochs, ltdb_lr=ltdb_lr, ltdb_p=ltdb_p, ltdb_opt=ltdb_opt,
                            act_scales=None if act_scales is None else str(act_scales), feedback=feedback, act_order=act_order,
-                           rotate_seed=rotate_seed, rotate_heads=rotate_heads, rotate_down=rotate_down)
+                           rotate_seed=rotate_seed, rotate_heads=rotate_heads, rotate_down=rotate_down,
+                           fallback=fallback)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if save and rotate_down:
@@ -226,6 +230,7 @@ def quantize(
             report["transform"] = res.transform
         report.update(paper_bpw=res.paper_bpw, storage_bpw=res.storage_bpw, bits=res.bits.to_dict(), seconds=res.seconds,
                       layers=[r.to_dict() for r in res.layers])
+        report["plan"] = _print_plan(res.layers)
         report["ppl"] = evaluate_ppl(model, tok, datasets, eval_seqlen, qcfg.device, data_dir, eval_windows, method)
         if zs_tasks:
             report["zeroshot"] = evaluate_zeroshot(model, tok, zs_tasks, qcfg.device, data_dir, limit, task_data,
@@ -244,10 +249,9 @@ def quantize(
 
 def _layer_checkpoint(out: Path, model: str, config: dict[str, Any], calibration: dict[str, Any], onebit: str):
     """A run's layer checkpoints; the settings are the run's fingerprint (what determines every layer)."""
-    from .engine.checkpoint import LayerCheckpoint
+    from .engine.checkpoint import LayerCheckpoint, run_settings
 
-    calibration = {k: v for k, v in calibration.items() if k != "source"}
-    return LayerCheckpoint(out / "layers", dict(model=model, config=config, calibration=calibration, onebit=onebit))
+    return LayerCheckpoint(out / "layers", run_settings(model, config, calibration, onebit))
 
 
 def _pack_collector(model, qcfg, save_packed: Path | None, stream: bool):
@@ -255,7 +259,7 @@ def _pack_collector(model, qcfg, save_packed: Path | None, stream: bool):
     streaming: then the packed checkpoint is built from the layer checkpoints after the run)."""
     if save_packed is None:
         return None
-    from .formats.checkpoint import PackCollector
+    from .export.packed import PackCollector
     from .formats.packed import PackedFormatError, check_packable
     from .models import get_adapter
 
@@ -265,12 +269,12 @@ def _pack_collector(model, qcfg, save_packed: Path | None, stream: bool):
         check_packable(qcfg.method)
     except PackedFormatError as e:
         raise typer.BadParameter(str(e)) from None
-    return None if stream else PackCollector(get_adapter(model), qcfg.method, qcfg.blocksize)
+    return None if stream else PackCollector(get_adapter(model))
 
 
 def _write_packed(model, tok, out_dir: Path, packed, qcfg, bits, ckpt=None) -> None:
     """``packed`` from a collector with ``model`` in memory; else (``model`` streamed) from ``ckpt``'s layers."""
-    from .formats.checkpoint import packed_from_layers, save_packed, save_packed_streamed
+    from .export.packed import packed_from_layers, save_packed, save_packed_streamed
 
     options = qcfg.to_dict()["method_options"]
     if packed is not None:
@@ -281,7 +285,8 @@ def _write_packed(model, tok, out_dir: Path, packed, qcfg, bits, ckpt=None) -> N
         save_packed(model, out_dir, packed, qcfg.method, options, qcfg.blocksize, bits, tok, online)
     else:
         n = len(model.adapter.decoder_layers(model.model))
-        packed = packed_from_layers(ckpt, model.adapter.layers, n, qcfg.method, qcfg.blocksize)
+        ckpt.bind(qcfg.plan())
+        packed = packed_from_layers(ckpt, model.adapter.layers, n)
         save_packed_streamed(model, out_dir, packed, qcfg.method, options, qcfg.blocksize, bits, tok)
     _print_packed(out_dir, bits)
 
@@ -295,6 +300,17 @@ def _print_packed(out_dir: Path, bits) -> None:
         f"{m['storage_bpw_measured']:.4f} (padding {m['padding_bits']} bits; index {m['index_bpw']:.4f} bpw); "
         f"paper bpw {bits.paper_bpw:.4f}; file {m['file_bytes'] / 2**20:.1f} MiB"
     )
+
+
+def _print_plan(layers) -> dict[str, Any]:
+    """Per method and block size: linears, weights, storage bpw (printed when linears differ, e.g. a fallback)."""
+    from .engine.pipeline import plan_summary
+
+    plan = plan_summary(layers)
+    if len(plan) > 1:
+        for key, g in plan.items():
+            console.print(f"{key}: {g['linears']} linears, {g['weights']} weights, {g['storage_bpw']:.4f} bpw")
+    return plan
 
 
 def run_label(cfg) -> str:
@@ -459,7 +475,7 @@ def pack(
 
 def _repack_saved(run_dir: Path, out: Path, report: dict[str, Any]) -> None:
     """Re-derive each linear's stored form from fake-quant weights (methods whose Ŵ determines it: sign)."""
-    from .formats.checkpoint import save_packed
+    from .export.packed import save_packed
     from .formats.repack import repack_linear
     from .methods.base import Bits
     from .models import get_adapter
@@ -480,58 +496,83 @@ def _repack_saved(run_dir: Path, out: Path, report: dict[str, Any]) -> None:
 
 @app.command("export-gguf")
 def export_gguf(
-    model_dir: Path = typer.Argument(..., help="a packed checkpoint (`onebit quantize --save-packed DIR`)"),
-    out: Path = typer.Argument(..., help="the .gguf file to write (llama.cpp Q1_0 linears)"),
-    eval: str = typer.Option("", "--eval", help="also report perplexity of the packed model and of the Q1_0 projection"),
-    f16_fallback: bool = typer.Option(False, "--f16-fallback",
-                                      help="write linears whose in_features is not a multiple of 128 as F16 copies of Ŵ"),
-    eval_seqlen: int = typer.Option(2048, min=2),
-    eval_windows: Optional[int] = typer.Option(None, min=1),
+    source: Path = typer.Argument(..., help="a run directory (`onebit quantize --out RUN`) or a packed checkpoint"),
+    out: Path = typer.Argument(..., help="the .gguf file to write (llama.cpp)"),
+    float_type: str = typer.Option("auto", help="embeddings and lm_head: auto (F16 where lossless, else F32) | f32 | "
+                                                "f16 | q8_0"),
+    eval: str = typer.Option("auto", "--eval", help="perplexity of the written GGUF, reloaded by transformers: "
+                                                    "comma-separated sets; auto = wikitext2 for a projection, none for "
+                                                    "a lossless export ('' = none)"),
+    eval_seqlen: Optional[int] = typer.Option(None, min=2, help="evaluation window (default: the run's, else 2048)"),
+    eval_windows: Optional[int] = typer.Option(None, min=1, help="first N windows (default: the run's)"),
     data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA"),
     device: str = typer.Option("auto"),
 ) -> None:
-    """Write a GGUF whose decoder linears are Q1_0 (fp16 scale + 128 sign bits): a lossy projection."""
-    from .export.gguf_q1 import export_q1_gguf
+    """Write a llama.cpp GGUF. Linears quantized with a GGUF block type (q1_0, tq1_0, tq2_0, q2_k and their
+    fallbacks q4_0, q8_0, f16) are written in that type, bit-exactly; any other method's Ŵ is projected onto
+    Q1_0 (lossy: a warning states the projection's perplexity)."""
+    from .export.gguf import export_gguf as write_gguf
+    from .export.gguf import open_source
 
     try:
-        summary = export_q1_gguf(model_dir, out, f16_fallback)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
-    console.print(f"wrote {out}: {summary['file_bytes'] / 2**20:.1f} MiB; Q1_0 linears {summary['q1_bpw']:.4f} bpw, "
-                  f"{summary['q1_fraction']:.1%} of the linear weights in Q1_0 (the rest F16)")
-    datasets = _csv(eval)
+        src = open_source(source)
+        summary = write_gguf(src, out, float_type)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from None
+    _print_gguf(summary, out)
+    run = src.report or {}
+    datasets = _csv(eval) if eval != "auto" else ([] if summary["exact"] else ["wikitext2"])
     if datasets:
-        summary["ppl_packed"], summary["ppl_q1_0"] = _eval_projection(model_dir, out, datasets, eval_seqlen,
-                                                                      eval_windows, data_dir, _resolve_device(device))
-    typer.echo(json.dumps(summary))
+        settings = run.get("eval") or {}
+        seqlen, windows = eval_seqlen or settings.get("seqlen") or 2048, eval_windows or settings.get("windows")
+        summary["ppl_gguf"] = _eval_gguf(out, src.model_dir, datasets, seqlen, windows, data_dir, _resolve_device(device))
+        measured = run.get("ppl") or {}
+        for d, ppl in summary["ppl_gguf"].items():
+            console.print(f"{d}: GGUF ppl {ppl:.3f}" + (f"; the run measured {measured[d]:.3f}" if d in measured else ""))
+    if not summary["exact"]:
+        methods = sorted({r["method"] for r in summary["linears"] if not r["exact"]})
+        measured = ", ".join(f"{d} {p:.1f}" for d, p in summary.get("ppl_gguf", {}).items()) or "not measured (--eval)"
+        console.print(f"[bold yellow]warning[/]: {summary['projected_linears']} linears ({', '.join(methods)}) have no "
+                      f"GGUF type and were projected onto Q1_0/F16: this file is not the model the run measured; "
+                      f"the projection's perplexity: {measured}")
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "linears"}))  # the table above lists them
 
 
-def _eval_projection(model_dir: Path, gguf_path: Path, datasets, seqlen, windows, data_dir, device):
-    """Perplexity of the packed model and of the model rebuilt from the GGUF's Q1_0 tensors."""
+def _print_gguf(summary: dict[str, Any], out: Path) -> None:
+    """The linears by GGUF type (bpw as written), and which linears (module, in_features) got which type."""
+    from rich.table import Table
+
+    t = Table(title=f"{out}: {summary['file_bytes'] / 2**20:.1f} MiB; linears {summary['linear_bpw']:.4f} bpw")
+    for col in ("GGUF type", "methods", "linears", "weights", "bpw"):
+        t.add_column(col)
+    for name, g in summary["by_type"].items():
+        t.add_row(name, ", ".join(g["methods"]), str(g["linears"]), str(g["weights"]), f"{g['bpw']:.4f}")
+    console.print(t)
+    kinds: dict[tuple[str, int, str], int] = {}
+    for r in summary["linears"]:
+        key = (r["name"].split(".", 3)[-1], r["shape"][1], f"{r['type']} ({r['method']}, block {r['block_size']})")
+        kinds[key] = kinds.get(key, 0) + 1
+    for (module, width, how), n in sorted(kinds.items()):
+        console.print(f"  {module} (in {width}): {how} ×{n}")
+
+
+def _eval_gguf(path: Path, model_dir: Path, datasets, seqlen, windows, data_dir, device) -> dict[str, float]:
+    """Perplexity of the GGUF reloaded by transformers (by onebit's reader where gguf cannot decode a type)."""
     import torch
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .export.gguf_q1 import read_q1_gguf
-    from .formats.checkpoint import WEIGHTS_FILE
+    from .export.gguf import load_gguf_model
     from .progress import progress_bars
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    packed_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # whole windows on the kernel
-    cfg = AutoConfig.from_pretrained(model_dir)
-    del cfg.quantization_config
-    proj = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
-        state = {k: f.get_tensor(k).float() for k in f.keys() if ".packed_" not in k}
-    state.update(read_q1_gguf(gguf_path, cfg))
-    missing, unexpected = proj.load_state_dict(state, strict=False)
-    if unexpected or any(k != "lm_head.weight" for k in missing):
-        raise RuntimeError(f"Q1_0 projection: missing {missing}, unexpected {unexpected}")
-    proj.tie_weights()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        how = "transformers"
+    except NotImplementedError as e:  # gguf 0.19 cannot decode Q1_0
+        model, how = load_gguf_model(path, model_dir), f"onebit's reader (transformers: {e})"
+    console.print(f"reloaded {path} with {how}")
     with progress_bars():
-        a = evaluate_ppl(packed_model, tok, datasets, seqlen, device, data_dir, windows, "packed")
-        b = evaluate_ppl(proj, tok, datasets, seqlen, device, data_dir, windows, "Q1_0 projection")
-    return a, b
+        return evaluate_ppl(model.eval(), tok, datasets, seqlen, device, data_dir, windows, "gguf")
 
 
 def main() -> None:

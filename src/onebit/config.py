@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine.pipeline import EngineOptions
+from .engine.plan import Plan, default_fallback, fixed_block
 from .engine.solver import FEEDBACK
 from .methods import build_method
-from .methods.base import Binarizer
+from .methods.base import Binarizer, method_class
 
 TRANSFORMS = ("none", "dbell", "rotate")
 
@@ -20,8 +21,10 @@ class QuantConfig:
     ``blocksize`` (column block = group size), ``percdamp`` (relative damping), ``gptq`` (error compensation;
     False = the references' ``--disable_gptq``, i.e. ``feedback="none"``), ``true_sequential``, ``device``,
     ``feedback`` ("block" | "column" | "none"; "auto" = the method's paper: block for the seed methods, column
-    for gptq, none for rtn) and ``act_order`` (static act-order with column feedback; None = the method's
-    default: on for gptq only)."""
+    for gptq, none for rtn), ``act_order`` (static act-order with column feedback; None = the method's
+    default: on for gptq only) and ``fallback``: for a method with a fixed block (a GGUF block type, whose
+    block size replaces ``blocksize``), the method of linears whose in_features that block does not divide
+    ("auto" = the method's own, q4_0 for the 1–2-bit types as llama.cpp; None = refuse such linears)."""
 
     method: str = "braq"
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -49,6 +52,7 @@ class QuantConfig:
     rotate_seed: int = 0
     rotate_heads: bool = False
     rotate_down: bool = False
+    fallback: str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -59,6 +63,7 @@ class QuantConfig:
         self._validate_rotate()
         method = self.build_method()  # validates the method name and options early
         self._resolve_feedback(method)
+        self._resolve_fallback()
 
     def _resolve_feedback(self, method: Binarizer) -> None:
         """Make ``feedback`` and ``act_order`` explicit (the report then records what ran)."""
@@ -78,6 +83,24 @@ class QuantConfig:
             self.act_order = self.feedback == "column" and getattr(method, "default_act_order", False)
         if self.act_order and self.feedback != "column":
             raise ValueError("act_order needs column feedback (--feedback column)")
+
+    def _resolve_fallback(self) -> None:
+        """Make ``fallback`` explicit: a method name, or None (no fixed block, or refused)."""
+        fixed = fixed_block(self.method)
+        if self.fallback == "auto":
+            self.fallback = default_fallback(self.method) if fixed else None
+        if self.fallback in (None, "none"):
+            self.fallback = None
+            return
+        if fixed is None:
+            raise ValueError(f"fallback applies to methods with a fixed block (GGUF types); {self.method!r} "
+                             f"takes any block size")
+        if self.feedback == "column" and not hasattr(method_class(self.fallback), "fit_block"):
+            raise ValueError(f"fallback method {self.fallback!r} cannot assign single columns: use feedback block")
+
+    def plan(self) -> Plan:
+        """Each linear's method and block size (engine/plan.py)."""
+        return Plan(self.method, self.method_options, self.blocksize, self.fallback)
 
     def _validate_dbell(self) -> None:
         if self.transform not in TRANSFORMS:
@@ -106,13 +129,15 @@ class QuantConfig:
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
-            self.blocksize, self.percdamp, self.feedback, self.act_order, self.true_sequential, self.device,
+            self.percdamp, self.feedback, self.act_order, self.true_sequential, self.device,
             hessian_raw_inputs=self.act_bits is not None and not self.hessian_from_quantized_acts,
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["method_options"] = dataclasses.asdict(self.build_method())  # defaults made explicit
+        if d["fallback"] is None:  # absent = none: runs written before fallbacks keep their fingerprints
+            del d["fallback"]
         return d
 
     @classmethod

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 MARKERS = {"sign": "v", "braq": "o", "arb": "P", "arb-x": "X", "arb-rc": "D", "row-hbraq": "h", "col-hbraq": "H",
-           "gptq": "s", "rtn": "p", "ternary": "^"}
+           "gptq": "s", "rtn": "p", "ternary": "^", "q1_0": "<", "tq1_0": ">", "tq2_0": "^", "q2_k": "d", "q4_0": "8",
+           "q8_0": "*"}
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 ``RUN/layers/layer_00012.safetensors`` holds every block's stored parameters (``{linear}.blocks.{j}.{name}``,
 what a packer needs) and, in the metadata, the layer's report slice and a fingerprint of the run (model,
-method, engine and calibration settings). A linear's quantized weight is rebuilt from its blocks with the
-method's ``decode_block`` (the run binds its method: ``bind``); it is stored (``{linear}.weight``, fp32) only
-when the blocks do not reproduce it bit-exactly. Bit planes are stored packed (their shapes in the metadata),
-so a layer file holds about the storage bpw, not 32 bits per weight plus the blocks.
+method, engine and calibration settings). A linear's quantized weight is rebuilt from its blocks with its
+method's ``decode_block`` (the method and block size its report slice records, else the run's plan: ``bind``);
+it is stored (``{linear}.weight``, fp32) only when the blocks do not reproduce it bit-exactly. Bit planes are
+stored packed (their shapes in the metadata), so a layer file holds about the storage bpw, not 32 bits per
+weight plus the blocks.
 A file is written to a temporary name, fsynced and renamed: a reader sees a whole file or none. On resume a
 file that is unreadable, truncated or from another configuration is never reused: the run restarts at the
 first layer without a valid file, and recomputes everything after it.
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..formats.bitpack import pack_bits, unpack_bits
-from ..methods.base import Binarizer, decode_linear
+from ..methods.base import decode_linear
+from .plan import LinearPlan, Plan
 
 log = logging.getLogger("onebit")
 
@@ -37,22 +39,34 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def run_settings(model: str, config: dict[str, Any], calibration: dict[str, Any], onebit: str) -> dict[str, Any]:
+    """What determines every layer of a run (its checkpoints' fingerprint): model, config, calibration, version."""
+    calibration = {k: v for k, v in calibration.items() if k != "source"}
+    return dict(model=model, config=config, calibration=calibration, onebit=onebit)
+
+
 class LayerCheckpoint:
     def __init__(self, directory: str | Path, settings: dict[str, Any]) -> None:
         self.dir = Path(directory)
         self.fp = fingerprint(settings)
-        self.method: Binarizer | None = None
-        self.block_size = 0
+        self.plan: Plan | None = None
 
-    def bind(self, method: Binarizer, block_size: int) -> None:
-        """The run's method and block size: what rebuilds weights from blocks (the fingerprint pins both)."""
-        self.method, self.block_size = method, block_size
+    def bind(self, plan: Plan) -> None:
+        """The run's plan: the method and block size of linears whose report slice does not record them (the
+        fingerprint pins it)."""
+        self.plan = plan
 
-    def _decodes(self, w: Tensor, blocks: list[dict[str, Tensor]]) -> bool:
-        if self.method is None or not blocks:
+    def linear_plan(self, idx: int, record: dict[str, Any]) -> LinearPlan | None:
+        """A linear's method and block size: from its report slice ``record``, else from the bound plan."""
+        if record.get("plan"):
+            return LinearPlan.from_dict(record["plan"])
+        return None if self.plan is None else self.plan.resolve(idx, record["name"], tuple(record["shape"]))
+
+    def _decodes(self, w: Tensor, blocks: list[dict[str, Tensor]], plan: LinearPlan | None) -> bool:
+        if plan is None or not blocks:
             return False
         try:
-            q = decode_linear(self.method, blocks, tuple(w.shape), self.block_size)
+            q = decode_linear(plan.build(), blocks, tuple(w.shape), plan.block_size)
         except Exception:  # noqa: BLE001 - blocks that do not decode: store the weight itself
             return False
         return torch.equal(q.to("cpu", w.dtype), w.detach().cpu())
@@ -63,8 +77,9 @@ class LayerCheckpoint:
     def save(self, idx: int, weights: dict[str, Tensor], blocks: dict[str, list[dict[str, Tensor]]], record: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
+        records = {r["name"]: r for r in record["linears"]}
         decoded = {name: str(w.dtype).removeprefix("torch.") for name, w in weights.items()
-                   if self._decodes(w, blocks.get(name, []))}
+                   if self._decodes(w, blocks.get(name, []), self.linear_plan(idx, records[name]))}
         tensors = {f"{name}.weight": w.detach().cpu().contiguous() for name, w in weights.items() if name not in decoded}
         bool_shapes = {}  # safetensors spends a byte per bool: bit planes are stored packed (formats.bitpack)
         for name, bl in blocks.items():
@@ -104,11 +119,12 @@ class LayerCheckpoint:
                 tensors = {k[: -len(".weight")]: f.get_tensor(k) for k in keys}
                 record = json.loads(meta["record"])
                 decoded = json.loads(meta.get("decoded", "{}")) if weights else {}
-                if decoded and self.method is None:
-                    raise RuntimeError("its weights are stored as blocks and no method is bound to decode them")
+                records = {r["name"]: r for r in record["linears"]}
                 for name, dtype in decoded.items():
-                    shape = next(tuple(r["shape"]) for r in record["linears"] if r["name"] == name)
-                    w = decode_linear(self.method, _read_blocks(f, meta, name), shape, self.block_size)
+                    plan = self.linear_plan(idx, records[name])
+                    if plan is None:
+                        raise RuntimeError("its weights are stored as blocks and no plan is bound to decode them")
+                    w = decode_linear(plan.build(), _read_blocks(f, meta, name), tuple(records[name]["shape"]), plan.block_size)
                     tensors[name] = w.to(getattr(torch, dtype))
         except Exception as e:  # truncated or corrupt: never reuse
             log.warning("%s is unreadable (%s): recomputing layer %d", path, e, idx)

@@ -1,6 +1,7 @@
 """The layer-by-layer pipeline (framework §2): capture, per-layer Hessians, solve, replay quantized.
 
-It knows nothing of any method: each linear goes to ``quantize_linear`` with the ``Binarizer`` it is given.
+It knows nothing of any method: each linear goes to ``quantize_linear`` with the method and block size its
+``Plan`` gives it (engine/plan.py), recorded in the linear's report slice.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..methods.base import Binarizer, Bits
+from ..methods.base import Bits
 from ..models.base import ArchAdapter
 from ..progress import track
 from .capture import ActivationBuffers, capture_inputs, run_layer
 from .checkpoint import LayerCheckpoint, set_weights
 from .distributed import all_reduce_, broadcast_object, is_main, rank_world
 from .hessian import HessianAccumulator
+from .plan import LinearPlan, Plan
 from .solver import LinearResult, quantize_linear
 from .store import InMemoryLayers, LayerStore
 
 
 @dataclass
 class LinearRecord:
-    """Report slice for one quantized linear."""
+    """Report slice for one quantized linear (``plan``: its method, options and block size; None in reports
+    written before per-linear plans, where the run's method and block size apply)."""
 
     layer: int
     name: str
@@ -37,17 +40,23 @@ class LinearRecord:
     percdamp: float
     seconds: float
     stats: dict[str, float] = field(default_factory=dict)
+    plan: LinearPlan | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LinearRecord":
         bits = Bits.from_dict(d["bits"])
-        return cls(d["layer"], d["name"], tuple(d["shape"]), bits, d["loss"], d["rel_err"], d["percdamp"], d["seconds"], d["stats"])
+        plan = LinearPlan.from_dict(d["plan"]) if d.get("plan") else None
+        return cls(d["layer"], d["name"], tuple(d["shape"]), bits, d["loss"], d["rel_err"], d["percdamp"], d["seconds"],
+                   d["stats"], plan)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(
+        out = dict(
             layer=self.layer, name=self.name, shape=list(self.shape), bits=self.bits.to_dict(), loss=self.loss,
             rel_err=self.rel_err, percdamp=self.percdamp, seconds=self.seconds, stats=self.stats,
         )
+        if self.plan is not None:
+            out["plan"] = self.plan.to_dict()
+        return out
 
 
 @dataclass
@@ -73,7 +82,6 @@ LayerCallback = Callable[[int, nn.Module, LayerRecord, dict[str, LinearResult]],
 
 @dataclass
 class EngineOptions:
-    blocksize: int = 128
     percdamp: float = 0.01
     feedback: str = "block"  # block | column | none (engine/solver.py)
     act_order: bool = False
@@ -104,10 +112,11 @@ def _collect_hessians(
 
 
 def _solve_group(
-    group: list[str], linears: dict[str, nn.Linear], accs: dict[str, HessianAccumulator], method: Binarizer,
+    group: list[str], linears: dict[str, nn.Linear], accs: dict[str, HessianAccumulator], plan: Plan,
     opts: EngineOptions, idx: int,
 ) -> tuple[dict[str, LinearResult], list[LinearRecord]]:
     """Quantize a group's linears, split over the ranks (round robin); results broadcast from their solver."""
+    plans = {name: plan.resolve(idx, name, tuple(linears[name].weight.shape)) for name in group}
     rank, world = rank_world()
     for acc in {id(a): a for a in accs.values()}.values():  # partial Hessians of all ranks summed
         all_reduce_(acc.xtx)
@@ -116,8 +125,8 @@ def _solve_group(
     for pos, name in enumerate(group):
         if pos % world == rank:
             t1 = time.perf_counter()
-            res = quantize_linear(linears[name].weight, accs[name].hessian, method, opts.blocksize, opts.percdamp,
-                                  opts.feedback, opts.act_order)
+            res = quantize_linear(linears[name].weight, accs[name].hessian, plans[name].build(), plans[name].block_size,
+                                  opts.percdamp, opts.feedback, opts.act_order)
             mine[name] = (res, time.perf_counter() - t1)
         del accs[name]
     results: dict[str, LinearResult] = {}
@@ -127,7 +136,8 @@ def _solve_group(
         lin = linears[name]
         lin.weight.data = res.q.to(lin.weight.device, lin.weight.dtype)
         results[name] = res
-        recs.append(LinearRecord(idx, name, tuple(lin.weight.shape), res.bits, res.loss, res.rel_err, res.percdamp, secs, res.stats))
+        recs.append(LinearRecord(idx, name, tuple(lin.weight.shape), res.bits, res.loss, res.rel_err, res.percdamp, secs,
+                                 res.stats, plans[name]))
     return results, recs
 
 
@@ -136,7 +146,7 @@ def quantize_model_layers(
     model: nn.Module,
     adapter: ArchAdapter,
     samples: Tensor,
-    method: Binarizer,
+    plan: Plan,
     opts: EngineOptions,
     on_layer: LayerCallback | None = None,
     store: LayerStore | None = None,
@@ -144,7 +154,7 @@ def quantize_model_layers(
     resume: bool = False,
     buffers: ActivationBuffers | None = None,
 ) -> list[LayerRecord]:
-    """Binarize every decoder linear in place (fake-quant weights), one layer at a time.
+    """Binarize every decoder linear in place (fake-quant weights), one layer at a time, each as ``plan`` says.
 
     Calibration activations stay on the CPU (or in ``buffers``' memory-mapped files); each layer visits
     ``opts.device`` while it is processed. ``store`` supplies the layers (default: ``model``'s own, in RAM).
@@ -155,7 +165,7 @@ def quantize_model_layers(
     store = store or InMemoryLayers(model, adapter)
     buffers = buffers or ActivationBuffers()
     if checkpoint is not None:
-        checkpoint.bind(method, opts.blocksize)
+        checkpoint.bind(plan)
     store.materialize(adapter.pre_modules)
     inps, calls = capture_inputs(model, adapter, samples, opts.device, alloc=buffers)
     store.dematerialize(adapter.pre_modules)
@@ -181,7 +191,7 @@ def quantize_model_layers(
                     layer, {n: linears[n] for n in group}, inps, calls[idx], fp_out if s == 0 else q_out, opts.device,
                     f"layer {idx}: hessians", opts.hessian_raw_inputs, [g.linears for g in adapter.groups],
                 )
-                res_g, recs_g = _solve_group(group, linears, accs, method, opts, idx)
+                res_g, recs_g = _solve_group(group, linears, accs, plan, opts, idx)
                 results.update(res_g)
                 recs += recs_g
             run_layer(layer, inps, calls[idx], opts.device, out=q_out, description=f"layer {idx}: replay")
@@ -203,3 +213,17 @@ def total_bits(records: list[LayerRecord]) -> Bits:
         for r in layer.linears:
             total = total + r.bits
     return total
+
+
+def plan_summary(records: list[LayerRecord]) -> dict[str, dict[str, Any]]:
+    """Per method and block size (``method/block``): linears, weights and storage bpw, fallbacks counted with
+    their own bits."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in (r for layer in records for r in layer.linears if r.plan is not None):
+        g = out.setdefault(f"{r.plan.method}/{r.plan.block_size}", dict(linears=0, weights=0, storage_bits=0))
+        g["linears"] += 1
+        g["weights"] += r.bits.weights
+        g["storage_bits"] += r.bits.storage
+    for g in out.values():
+        g["storage_bpw"] = g["storage_bits"] / max(g["weights"], 1)
+    return out

@@ -82,6 +82,10 @@ def quantize_linear(
         raise ValueError(f"method {method.name!r} cannot assign single columns: use feedback 'block' or 'none'")
     if act_order and feedback != "column":
         raise ValueError("act_order needs column feedback")
+    fixed = getattr(method, "block_size", None)
+    if fixed is not None and (blocksize != fixed or weight.shape[1] % fixed):
+        raise ValueError(f"method {method.name!r} stores blocks of {fixed} columns: it needs blocksize {fixed} and "
+                         f"in_features divisible by it (got {blocksize}, {weight.shape[1]}; engine/plan.py falls back)")
     w = weight.detach().to(dtype).clone()
     h = hessian.to(w.device, dtype).clone()
     w_orig, h_orig = w.clone(), h.clone()

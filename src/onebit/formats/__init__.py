@@ -1,4 +1,4 @@
-"""On-disk formats: bit packing, the packed safetensors checkpoint, GGUF Q1_0 export."""
+"""On-disk layouts: bit packing, the packed safetensors checkpoint (layout and reader), GGML block bytes."""
 
 from .bitpack import pack_bits, unpack_bits
 from .packed import FORMAT_VERSION, QUANT_METHOD, PackedFormatError, PackedLinear

@@ -14,21 +14,22 @@ their scales one 16-vector (what the packed kernels load; ``to_tiles``). The las
 rows. No padding: the streams hold exactly the method's bits.
 
 The parameter names and kinds come from ``quantization_config.param_layout[method]``; a per-module manifest
-(``quantization_config.modules``) records method, shape, stream sizes and CRC32s, so a reader can check
-a checkpoint before trusting it. Nothing is pickled.
+(``quantization_config.modules``) records method, its options, block size, shape, stream sizes and CRC32s
+(linears of one checkpoint may differ in method and block size: engine/plan.py), so a reader can check a
+checkpoint before trusting it. Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..methods.base import PARAM_DTYPE, block_widths, decode_linear, method_class, storage_bits
+from ..methods.base import PARAM_DTYPE, block_widths, build_method, decode_linear, storage_bits
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 
 QUANT_METHOD = "onebit"
@@ -86,7 +87,8 @@ def row_wise(t_shape: tuple[int, ...], out_features: int) -> bool:
 
 @dataclass
 class PackedLinear:
-    """One linear's stored form (see module docstring). ``shape`` = (out_features, in_features)."""
+    """One linear's stored form (see module docstring). ``shape`` = (out_features, in_features);
+    ``options``: the method's options (what its decoder needs, e.g. rtn's bits)."""
 
     method: str
     shape: tuple[int, int]
@@ -95,10 +97,12 @@ class PackedLinear:
     bits: Tensor
     fp16: Tensor
     index: Tensor
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_blocks(
-        cls, method: str, blocks: list[dict[str, Tensor]], shape: tuple[int, int], block_size: int
+        cls, method: str, blocks: list[dict[str, Tensor]], shape: tuple[int, int], block_size: int,
+        options: dict[str, Any] | None = None,
     ) -> "PackedLinear":
         """Pack a linear's per-block stored forms (``LinearResult.blocks``)."""
         check_packable(method)
@@ -124,7 +128,7 @@ class PackedLinear:
                     fp_parts.append(flat.to(PARAM_DTYPE))
         bits = pack_bits(torch.cat(bit_parts)) if bit_parts else torch.zeros(0, dtype=torch.uint8)
         fp16 = torch.cat(fp_parts) if fp_parts else torch.zeros(0, dtype=PARAM_DTYPE)
-        packed = cls(method, (int(shape[0]), int(shape[1])), block_size, layout, bits, fp16, index)
+        packed = cls(method, (int(shape[0]), int(shape[1])), block_size, layout, bits, fp16, index, dict(options or {}))
         packed.validate()
         return packed
 
@@ -168,7 +172,7 @@ class PackedLinear:
 
     def dequantize(self) -> Tensor:
         """The dense fp32 weight, decoded block by block with the method's own ``decode_block``."""
-        return decode_linear(method_class(self.method)(), self.blocks(), self.shape, self.block_size)
+        return decode_linear(build_method(self.method, **self.options), self.blocks(), self.shape, self.block_size)
 
     # -- validation -------------------------------------------------------------------------------------
     def validate(self, entry: dict[str, Any] | None = None, name: str = "linear") -> None:
@@ -200,7 +204,8 @@ class PackedLinear:
 
     def manifest(self) -> dict[str, Any]:
         return dict(
-            method=self.method, shape=list(self.shape), block_size=self.block_size, blocks=int(self.index.shape[0]), bits_bytes=self.bits.numel(),
+            method=self.method, options=self.options, shape=list(self.shape), block_size=self.block_size,
+            blocks=int(self.index.shape[0]), bits_bytes=self.bits.numel(),
             fp16_count=self.fp16.numel(), crc_bits=crc32(self.bits), crc_fp16=crc32(self.fp16), crc_index=crc32(self.index),
         )
 
@@ -270,6 +275,15 @@ def module_method(qc: dict[str, Any], name: str) -> str:
     return qc["method"]
 
 
+def module_options(qc: dict[str, Any], name: str) -> dict[str, Any]:
+    """A module's method options: its manifest entry's, else (checkpoints written before per-module options)
+    the checkpoint's when it uses the checkpoint's method."""
+    entry = qc["modules"][name]
+    if "options" in entry:
+        return entry["options"]
+    return qc.get("method_options", {}) if entry["method"] == qc["method"] else {}
+
+
 def packed_from_tensors(qc: dict[str, Any], name: str, tensors: dict[str, Tensor]) -> PackedLinear:
     """Rebuild and verify one linear from its three tensors and its manifest entry."""
     entry = qc["modules"][name]
@@ -279,7 +293,7 @@ def packed_from_tensors(qc: dict[str, Any], name: str, tensors: dict[str, Tensor
     bits, fp16, index = (tensors[f"{name}.{s}"] for s in SUFFIXES)
     packed = PackedLinear(
         entry["method"], tuple(entry["shape"]), entry["block_size"], qc["param_layout"][entry["method"]], bits.to(torch.uint8),
-        fp16.to(PARAM_DTYPE), index.to(torch.int32),
+        fp16.to(PARAM_DTYPE), index.to(torch.int32), module_options(qc, name),
     )
     packed.validate(entry, name)
     return packed

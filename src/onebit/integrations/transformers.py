@@ -14,7 +14,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..formats.packed import QUANT_METHOD, SUFFIXES, PackedFormatError, check_config
+from ..formats.packed import QUANT_METHOD, SUFFIXES, PackedFormatError, check_config, module_options
 from ..nn.linear import OnebitLinear
 
 
@@ -86,6 +86,7 @@ class OnebitHfQuantizer(HfQuantizer):
             new = OnebitLinear(
                 m, n, old.bias is not None, entry["method"], entry["block_size"], qc.param_layout[entry["method"]],
                 entry["bits_bytes"], entry["fp16_count"], entry["blocks"], dtype=old.weight.dtype, device=old.weight.device,
+                options=module_options(qc.to_dict(), name),
             )
             parent, child = _get_parent(model, name)
             setattr(parent, child, new)

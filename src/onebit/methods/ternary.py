@@ -7,7 +7,8 @@ the mean |w| over it, and the best set for any α is a top-k set of |w|, so with
 weight takes its nearest level (what column feedback does one column at a time).
 
 Stored form: ``nonzero`` (n × B), ``signs`` (n × B, True = +), ``alpha`` (n × 1 fp16): 2 bits per weight +
-16 per row per block (the bool convention; TQ1_0's base-3 packing would need log₂3 = 1.585).
+16 per row per block (the bool convention). ``tq2_0`` and ``tq1_0`` (methods/ggml.py) are this fit on GGUF's
+256-blocks, the latter stored base 3 as TQ1_0 packs it (1.6875 bpw).
 """
 
 from __future__ import annotations
@@ -37,20 +38,20 @@ class Ternary:
     default_feedback: ClassVar[str] = "column"
 
     def fit_block(self, w: Tensor, ctx: BlockContext) -> LevelFit:
-        n, b = w.shape
         alpha = to_storage(ternary_scale(w))
         levels = torch.stack([-alpha, torch.zeros_like(alpha), alpha], -1)  # n × 1 × 3: codes 0, 1, 2
-        bits = Bits(sign=n * b, bitmap=n * b, params=n * PARAM_BITS, weights=n * b)
-        base = BlockResult(torch.zeros_like(w), {"alpha": alpha.half()}, bits)
-
-        def encode(codes: Tensor) -> dict[str, Tensor]:
-            return {"nonzero": codes != 1, "signs": codes == 2, "alpha": alpha.half()}
-
-        return LevelFit(self, base, levels, encode)
+        base = BlockResult(torch.zeros_like(w), {}, self.bits(*w.shape))
+        return LevelFit(self, base, levels, lambda codes: self.encode(codes, alpha.half()))
 
     def quantize_block(self, w: Tensor, ctx: BlockContext) -> BlockResult:
         return self.fit_block(w, ctx).assign_block(w)
 
+    def bits(self, n: int, b: int) -> Bits:
+        return Bits(sign=n * b, bitmap=n * b, params=n * PARAM_BITS, weights=n * b)
+
+    def encode(self, codes: Tensor, alpha: Tensor) -> dict[str, Tensor]:
+        """The stored form of codes 0, 1, 2 (= −α, 0, +α) and the fp16 α."""
+        return {"nonzero": codes != 1, "signs": codes == 2, "alpha": alpha}
+
     def decode_block(self, params: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
-        alpha = params["alpha"].float()
-        return alpha * params["nonzero"].float() * (params["signs"].float() * 2 - 1)
+        return params["alpha"].float() * torch.where(params["nonzero"], params["signs"].float() * 2 - 1, 0.0)

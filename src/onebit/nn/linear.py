@@ -37,11 +37,11 @@ class OnebitLinear(nn.Module):
     def __init__(
         self, in_features: int, out_features: int, bias: bool, method: str, block_size: int,
         layout: list[list[str]], bits_bytes: int, fp16_count: int, blocks: int,
-        dtype: torch.dtype | None = None, device: Any = None,
+        dtype: torch.dtype | None = None, device: Any = None, options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.method, self.block_size, self.layout = method, block_size, layout
+        self.method, self.block_size, self.layout, self.options = method, block_size, layout, dict(options or {})
         self.register_buffer("packed_bits", torch.zeros(bits_bytes, dtype=torch.uint8, device=device))
         self.register_buffer("packed_fp16", torch.zeros(fp16_count, dtype=torch.float16, device=device))
         self.register_buffer("packed_index", torch.zeros(blocks, len(layout), 3, dtype=torch.int32, device=device))
@@ -59,7 +59,8 @@ class OnebitLinear(nn.Module):
     def from_packed(cls, packed: PackedLinear, bias: Tensor | None = None) -> "OnebitLinear":
         n, m = packed.shape
         mod = cls(m, n, bias is not None, packed.method, packed.block_size, packed.layout, packed.bits.numel(),
-                  packed.fp16.numel(), packed.index.shape[0], dtype=None if bias is None else bias.dtype)
+                  packed.fp16.numel(), packed.index.shape[0], dtype=None if bias is None else bias.dtype,
+                  options=packed.options)
         mod.packed_bits.copy_(packed.bits)
         mod.packed_fp16.copy_(packed.fp16)
         mod.packed_index.copy_(packed.index)
@@ -82,7 +83,7 @@ class OnebitLinear(nn.Module):
 
     def packed(self) -> PackedLinear:
         return PackedLinear(self.method, (self.out_features, self.in_features), self.block_size, self.layout,
-                            self.packed_bits, self.packed_fp16, self.packed_index)
+                            self.packed_bits, self.packed_fp16, self.packed_index, self.options)
 
     def prepare(self) -> None:
         """After (re)loading the buffers: normalise dtypes and build the kernel's block table."""

@@ -1,0 +1,71 @@
+"""Per-linear plan: which method, with which options and column block size, quantizes each linear.
+
+A run names one method and one ``--blocksize``; most linears simply get them. A method whose stored form is a
+fixed-size block type (``block_size`` class attribute: a GGUF block, e.g. q2_k's 256) takes its own block, and
+a linear whose in_features that block does not divide cannot hold it: it gets the fallback method, resolved
+the same way (llama.cpp's quantizer does this per tensor: Q2_K/TQ1_0/TQ2_0 → Q4_0, and F16 when even the
+32-block fallback does not divide the row). The result is recorded per linear (report, layer checkpoints,
+packed manifest), so decoding never guesses; a later per-linear bit budget is another ``Plan``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..methods.base import Binarizer, build_method, method_class
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one linear is quantized: a registered ``method``, its ``options``, its column ``block_size``."""
+
+    method: str
+    block_size: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Binarizer:
+        return build_method(self.method, **self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(method=self.method, block_size=self.block_size, options=dict(self.options))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LinearPlan":
+        return cls(d["method"], int(d["block_size"]), dict(d.get("options") or {}))
+
+
+def fixed_block(method: str) -> int | None:
+    """The block size a method's stored form fixes (a GGUF block type), or None (any block size)."""
+    return getattr(method_class(method), "block_size", None)
+
+
+def default_fallback(method: str) -> str | None:
+    """What a fixed-block method falls back to where its block does not divide a row (None: no fallback)."""
+    return getattr(method_class(method), "fallback", None)
+
+
+class Plan:
+    """The plan of a run: ``method`` with ``options`` at ``blocksize``; a fixed-block method at its own block,
+    and where that block does not divide a linear's in_features, ``fallback`` (None: such linears are refused),
+    itself resolved the same way, then its own ``fallback`` attribute (e.g. q4_0 → f16)."""
+
+    def __init__(self, method: str, options: dict[str, Any], blocksize: int, fallback: str | None = None) -> None:
+        self.method, self.options, self.blocksize, self.fallback = method, dict(options), blocksize, fallback
+
+    def resolve(self, layer: int, name: str, shape: tuple[int, int]) -> LinearPlan:
+        """The plan of linear ``name`` (e.g. ``self_attn.q_proj``) of decoder layer ``layer``, weight ``shape``."""
+        method, options, fallback = self.method, self.options, self.fallback
+        seen = []
+        while True:
+            block = fixed_block(method)
+            if block is None:
+                return LinearPlan(method, self.blocksize, options)
+            if shape[1] % block == 0:
+                return LinearPlan(method, block, options)
+            seen.append(f"{method} ({block})")
+            if fallback is None:
+                raise ValueError(f"layer {layer} {name}: in_features {shape[1]} is not a multiple of the block of "
+                                 f"{' → '.join(seen)} and no fallback method is set")
+            method, options = fallback, {}
+            fallback = default_fallback(method)
