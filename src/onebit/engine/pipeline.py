@@ -115,7 +115,8 @@ def _solve_group(
     for pos, name in enumerate(group):
         if pos % world == rank:
             t1 = time.perf_counter()
-            res = quantize_linear(linears[name].weight, accs[name].hessian, method, opts.blocksize, opts.percdamp, opts.compensate)
+            res = quantize_linear(linears[name].weight, accs[name].hessian, method, opts.blocksize, opts.percdamp,
+                                  opts.compensate, name=f"layer {idx} {name}")
             mine[name] = (res, time.perf_counter() - t1)
         del accs[name]
     results: dict[str, LinearResult] = {}

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import NumericalError
 from ..methods.base import Binarizer, BlockContext, Bits
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,14 @@ class LinearResult:
         return cls(q, blocks, record.bits, record.loss, record.rel_err, record.percdamp, dict(record.stats))
 
 
-def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Tensor, float]:
-    """U upper-triangular with H_damped⁻¹ = Uᵀ U. On Cholesky failure, damping grows ×10 and is logged."""
+def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6, where: str = "linear") -> tuple[Tensor, float]:
+    """U upper-triangular with H_damped⁻¹ = Uᵀ U. On Cholesky failure, damping grows ×10 and is logged.
+    A Hessian with NaN/Inf (from non-finite inputs) fails at once; ``where`` names the linear in errors."""
+    if not bool(torch.isfinite(h).all()):
+        raise NumericalError(f"{where}: the Hessian holds NaN/Inf: the linear's inputs (calibration activations) "
+                             f"contain NaN/Inf", hint="Check the model's weights and the layers before this one "
+                                                      "(run `onebit eval` on the float model); the calibration text "
+                                                      "cannot cause this")
     mean_diag = torch.mean(torch.diag(h))
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     damp = percdamp
@@ -49,7 +56,8 @@ def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Tens
                 return u, damp
         log.warning("Cholesky failed at percdamp=%g; retrying with %g", damp, damp * 10)
         damp *= 10
-    raise RuntimeError(f"Hessian not positive definite even at percdamp={damp / 10:g}; use more calibration data")
+    raise NumericalError(f"{where}: Hessian not positive definite even at percdamp={damp / 10:g} (inputs finite)",
+                         hint="Calibrate on more tokens (--nsamples, --seqlen); if that does not help, it is a bug")
 
 
 def quantize_linear(
@@ -59,15 +67,17 @@ def quantize_linear(
     blocksize: int = 128,
     percdamp: float = 0.01,
     compensate: bool = True,
+    name: str = "linear",
 ) -> LinearResult:
-    """Quantize one linear's weight (n × m) given its Hessian (m × m). Works in fp32 on the weight's device."""
+    """Quantize one linear's weight (n × m) given its Hessian (m × m). Works in fp32 on the weight's device.
+    ``name`` (e.g. ``layer 3 self_attn.q_proj``) identifies the linear in errors."""
     w = weight.detach().to(torch.float32).clone()
     h = hessian.to(w.device, torch.float32).clone()
     w_orig, h_orig = w.clone(), h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    u, damp = inverse_factor(h, percdamp)
+    u, damp = inverse_factor(h, percdamp, where=f"{name} ({int(dead.sum())} of {len(dead)} input columns dead)")
     dj = torch.diag(u)
     n, m = w.shape
     q = torch.zeros_like(w)

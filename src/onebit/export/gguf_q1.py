@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError, UnsupportedModelError
+from ..files import atomic_output
+
 QK = 128
 BLOCK_BYTES = 2 + QK // 8
 LAYER_TENSORS = {
@@ -93,56 +96,57 @@ def export_q1_gguf(model_dir: str | Path, out_path: str | Path, f16_fallback: bo
     model_dir = Path(model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)
     if cfg.model_type not in ("llama", "mistral"):
-        raise ValueError(f"GGUF export supports the llama family (llama, mistral), not {cfg.model_type!r}")
+        raise UnsupportedModelError(f"{model_dir}: GGUF export supports the llama family (llama, mistral), not "
+                                    f"{cfg.model_type!r}")
     _, packed = load_packed(model_dir)
     odd = sorted(k for k, p in packed.items() if p.shape[1] % QK)
     if odd and not f16_fallback:
-        raise ValueError(
-            f"Q1_0 needs in_features divisible by {QK}; {len(odd)} linears are not (e.g. {odd[0]}: "
-            f"{packed[odd[0]].shape[1]}). Pass f16_fallback (CLI: --f16-fallback) to write those as F16 copies of Ŵ"
-        )
+        raise InputError(f"Q1_0 needs in_features divisible by {QK}; {len(odd)} linears are not (e.g. {odd[0]}: "
+                         f"{packed[odd[0]].shape[1]})",
+                         hint="Pass f16_fallback (CLI: --f16-fallback) to write those as F16 copies of Ŵ")
     with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
         plain = {k: f.get_tensor(k).float() for k in f.keys() if ".packed_" not in k}
-    writer = gguf.GGUFWriter(str(out_path), "llama")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads or cfg.num_attention_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q1_0)
-    _write_tokenizer(writer, model_dir)
-    q1_bytes = q1_weights = f16_weights = 0
-    for hf, name in GLOBAL_TENSORS.items():
-        if hf in plain:
-            writer.add_tensor(name, plain[hf].numpy())
-    for i in range(cfg.num_hidden_layers):
-        for module, short in LAYER_TENSORS.items():
-            key = f"model.layers.{i}.{module}"
-            if key in packed:
-                w = packed[key].dequantize()
-                heads = _heads(cfg, module)
-                if heads is not None:
-                    w = permute_qk(w, heads)
-                if w.shape[1] % QK:
-                    writer.add_tensor(f"blk.{i}.{short}.weight", w.half().numpy())
-                    f16_weights += w.numel()
-                    continue
-                raw = quantize_q1_0(w)
-                writer.add_tensor(f"blk.{i}.{short}.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q1_0)
-                q1_bytes += raw.nbytes
-                q1_weights += w.numel()
-            else:
-                writer.add_tensor(f"blk.{i}.{short}.weight", plain[f"{key}.weight"].numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with atomic_output(out_path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads or cfg.num_attention_heads)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q1_0)
+        _write_tokenizer(writer, model_dir)
+        q1_bytes = q1_weights = f16_weights = 0
+        for hf, name in GLOBAL_TENSORS.items():
+            if hf in plain:
+                writer.add_tensor(name, plain[hf].numpy())
+        for i in range(cfg.num_hidden_layers):
+            for module, short in LAYER_TENSORS.items():
+                key = f"model.layers.{i}.{module}"
+                if key in packed:
+                    w = packed[key].dequantize()
+                    heads = _heads(cfg, module)
+                    if heads is not None:
+                        w = permute_qk(w, heads)
+                    if w.shape[1] % QK:
+                        writer.add_tensor(f"blk.{i}.{short}.weight", w.half().numpy())
+                        f16_weights += w.numel()
+                        continue
+                    raw = quantize_q1_0(w)
+                    writer.add_tensor(f"blk.{i}.{short}.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q1_0)
+                    q1_bytes += raw.nbytes
+                    q1_weights += w.numel()
+                else:
+                    writer.add_tensor(f"blk.{i}.{short}.weight", plain[f"{key}.weight"].numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return dict(q1_tensors_bytes=q1_bytes, q1_weights=q1_weights, q1_bpw=q1_bytes * 8 / max(q1_weights, 1),
                 f16_fallback_weights=f16_weights, q1_fraction=q1_weights / max(q1_weights + f16_weights, 1),
                 file_bytes=Path(out_path).stat().st_size)

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from ..engine.checkpoint import LayerCheckpoint
+from ..errors import MissingFileError
+from ..files import atomic_output
 from ..engine.pipeline import LayerRecord
 from ..engine.store import StreamedModel
 from ..engine.solver import LinearResult
@@ -58,8 +60,6 @@ def save_packed_streamed(
     read from the original files (embeddings, norms, head, biases). Peak memory ≈ the packed model."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     qc = _packed_config(packed, method, method_options, block_size, bits)
     quantized = {f"{name}.weight" for name in packed}
     head = f"{model.adapter.lm_head}.weight"
@@ -68,11 +68,13 @@ def save_packed_streamed(
     tensors = {k: v.contiguous() for k, v in model.read(keep).items()}
     for name, p in packed.items():
         tensors.update(p.tensors(name))
-    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
-    model.config.quantization_config = qc
-    model.config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    with atomic_output(out_dir) as out:
+        out.mkdir()
+        save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
+        model.config.quantization_config = qc
+        model.config.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
     return qc
 
 
@@ -102,20 +104,26 @@ def save_packed(
     """Write a packed checkpoint of ``model`` (its packed linears replaced in place); returns the config block."""
     from ..integrations.transformers import OnebitConfig
 
-    out = Path(out_dir)
     qc = _packed_config(packed, method, method_options, block_size, bits)
     replace_linears(model, packed)
     model.config.quantization_config = OnebitConfig(**qc)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    save_model_dir(model, out_dir, tokenizer)
     return qc
+
+
+def save_model_dir(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
+    """``save_pretrained`` of the model (and tokenizer) into ``out_dir``, atomically."""
+    with atomic_output(out_dir) as out:
+        model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json")
+        raise MissingFileError(f"{model_dir}: no config.json", hint="Pass a packed checkpoint directory "
+                                                                  "(onebit quantize --save-packed DIR, or onebit pack)")
     qc = json.loads(path.read_text()).get("quantization_config")
     if qc is None:
         raise PackedFormatError(f"{model_dir}: config.json has no quantization_config (not a packed onebit model)")
