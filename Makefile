@@ -9,6 +9,7 @@ RUNS   ?= runs
 # valid, perplexity on the first 8 windows of 2048 tokens of WikiText-2 test and C4 validation (no text is
 # both calibrated on and evaluated). The text comes with the package when ../shared/data is absent.
 # The full paper protocol: see README.
+DEMO_METHOD ?= braq
 DEMO_ARGS ?= --calib wikitext2:valid --nsamples 16 --seqlen 1024 --eval wikitext2,c4 --eval-seqlen 2048 --eval-windows 8
 
 .PHONY: install demo test test-all bench results clean
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/onebit quantize smollm2 --method braq $(DEMO_ARGS) --out $(RUNS)/demo-braq
+	$(BIN)/onebit quantize smollm2 --method $(DEMO_METHOD) $(DEMO_ARGS) --out $(RUNS)/demo-$(DEMO_METHOD)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
