@@ -90,9 +90,17 @@ def free_space(needs: dict[Path, int]) -> None:
     for base, need, paths in per_device.values():
         free = shutil.disk_usage(base).free
         if free < need:
-            raise OutputError(
-                f"not enough free disk space: {', '.join(map(str, paths))} will take about {need / 2**20:,.0f} MiB, "
-                f"{free / 2**20:,.0f} MiB are free there", hint="Free space, or write to another disk")
+            raise OutputError(f"not enough free disk space: {', '.join(map(str, paths))} will take about "
+                              f"{_size(need)}, {_size(free)} are free there", hint="Free space, or write to another disk")
+
+
+def _size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number at 1 or more."""
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:,.0f} bytes" if i == 0 else f"{n:,.1f} {units[i]}"
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
