@@ -50,6 +50,8 @@ def env(tmp_path_factory) -> Env:
     data = write_tiny_data(root / "data")
     _with_weight(model, root / "nan-model", "model.layers.1.mlp.down_proj.weight", float("nan"))
     _with_weight(model, root / "nan-embedding", "model.embed_tokens.weight", float("nan"))
+    weights = _with_weight(model, root / "truncated", "model.norm.weight", 1.0) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
     (root / "latin1").mkdir()
     (root / "latin1" / "wikitext-2-raw").mkdir()
     (root / "latin1" / "wikitext-2-raw" / "wiki.valid.raw").write_bytes("café crème\n".encode("latin-1") * 50)
@@ -101,6 +103,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str, Callable | None]] =
     ("unknown data source", lambda e: [*e.quantize(), "--data-source", "ftp"], 1, "unknown data source 'ftp'", None),
     ("NaN weight", lambda e: ["quantize", str(e.root / "nan-model"), *e.quantize()[2:]], 1,
      "weight model.layers.1.mlp.down_proj.weight holds 1 NaN", None),
+    ("truncated weights", lambda e: ["quantize", str(e.root / "truncated"), *e.quantize()[2:]], 1,
+     "model.safetensors is truncated", None),
     ("Hessian from non-finite inputs", lambda e: ["quantize", str(e.root / "nan-embedding"), *e.quantize()[2:]], 1,
      "layer 0 self_attn.q_proj (0 of 160 input columns dead): the Hessian holds NaN/Inf", _no_weight_check),
     ("data file not UTF-8", lambda e: [*e.quantize(), "--data-dir", str(e.root / "latin1")], 1,

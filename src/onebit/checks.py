@@ -39,9 +39,12 @@ def model_config(model_path: str) -> tuple[Path, dict[str, Any]]:
     if not isinstance(cfg, dict):
         raise DataError(f"{cfg_file} holds no JSON object", hint="Restore the model's original config.json")
     adapter_for_type(cfg.get("model_type"), where=str(cfg_file))
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards and not any(path.glob("*.bin")):
         raise MissingFileError(f"{path}: no weight files (*.safetensors or *.bin)",
                                hint="Download the model's weights into that directory")
+    for shard in shards:
+        _safetensors_shapes(shard)  # headers only: a truncated download fails here, not after hours
     return path, cfg
 
 
@@ -104,11 +107,20 @@ def _size(n: float) -> str:
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header (no tensor data read)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    """Tensor shapes from a safetensors header (no tensor data read); a damaged or truncated file is an error."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else {}
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = 8 + n + max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})",
+                        hint="Download or copy it again") from None
+    if size < end:
+        raise DataError(f"{path} is truncated: {size} bytes where its header needs {end}", hint="Download or copy it again")
+    return {k: v["shape"] for k, v in tensors.items()}
 
 
 def weight_counts(model_dir: Path, model_type: str) -> tuple[int, int] | None:

@@ -6,6 +6,7 @@ error boundary (``OnebitCli``)."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
 import time
@@ -74,8 +75,7 @@ class OnebitCli(TyperGroup):
             ctx.exit(1)
 
 
-app = typer.Typer(cls=OnebitCli, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="1-bit post-training quantization of LLMs.")
+app = typer.Typer(cls=OnebitCli, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 @app.callback()
@@ -206,8 +206,6 @@ def _tasks(tasks: str, task_data: str, data_dir: str | None) -> list[str]:
     """``--tasks``: comma-separated lm-eval task names, or ``all`` for the seven of framework §6; local task
     files are checked here, before any model work."""
     from .eval.zeroshot import TASKS, local_paths
-
-    import importlib.util
 
     names = list(TASKS) if _csv(tasks) == ["all"] else _csv(tasks)
     if task_data not in ("local", "hub"):
@@ -448,8 +446,6 @@ def run_label(cfg) -> str:
 
 def _plot_snapshot(model, cfg, out: Path | None) -> dict[str, Any]:
     """Copies of a few linears' weights before the transform, for the histogram PNGs (needs matplotlib)."""
-    import importlib.util
-
     if cfg.transform != "dbell" or out is None:
         return {}
     if importlib.util.find_spec("matplotlib") is None:
