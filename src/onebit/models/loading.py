@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, stream: bool = Fal
     return model, load_tokenizer(p), p
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path) -> Any:
     """The tokenizer of a model directory (cheap: the data checks run on it before the model is loaded)."""
     from transformers import AutoTokenizer
 
