@@ -1,4 +1,4 @@
-"""The command line end to end on a tiny model directory, and clear errors for bad input."""
+"""The command line end to end on a tiny model directory (bad input: test_cli_errors.py)."""
 
 from __future__ import annotations
 
@@ -54,18 +54,6 @@ def test_method_flags_are_checked(setup):
     assert res.exit_code != 0 and "unknown method" in res.output
 
 
-def test_seqlen_longer_than_context_is_refused(setup):
-    model_dir, data, _ = setup
-    res = runner.invoke(app, ["quantize", str(model_dir), "--seqlen", "4096", "--calib", "wikitext2", "--data-dir", str(data)])
-    assert res.exit_code != 0 and "exceeds the model's context" in str(res.exception)
-
-
-def test_missing_data_file_is_a_clear_error(setup, tmp_path):
-    model_dir, _, _ = setup
-    res = runner.invoke(app, ["quantize", str(model_dir), "--calib", "c4", "--seqlen", "32", "--data-dir", str(tmp_path)])
-    assert isinstance(res.exception, FileNotFoundError) and "c4/c4-train" in str(res.exception)
-
-
 def test_unsupported_architecture_names_the_supported_families():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -74,11 +62,6 @@ def test_unsupported_architecture_names_the_supported_families():
         quantize(model, QuantConfig(), torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="unsupported"):
         get_adapter(model)
-
-
-def test_not_a_model_directory(tmp_path):
-    res = runner.invoke(app, ["quantize", str(tmp_path)])
-    assert isinstance(res.exception, FileNotFoundError) and "config.json" in str(res.exception)
 
 
 def test_config_round_trip():

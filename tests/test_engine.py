@@ -12,6 +12,7 @@ from conftest import random_ids, tiny_model
 from onebit import QuantConfig, quantize
 from onebit.engine.hessian import HessianAccumulator
 from onebit.engine.solver import inverse_factor, quantize_linear
+from onebit.errors import NumericalError
 from onebit.eval.ppl import perplexity
 from onebit.methods import build_method
 from onebit.models import get_adapter
@@ -94,6 +95,21 @@ def test_inverse_factor_raises_damping_when_cholesky_fails(caplog):
     with pytest.raises(RuntimeError, match="not positive definite"):
         inverse_factor(h, 0.01, max_tries=2)
     assert "retrying" in caplog.text
+
+
+def test_hessian_failures_name_the_linear_and_the_cause():
+    """Non-finite inputs fail at once (no damping retries); a Hessian that stays indefinite names the linear,
+    says its inputs were finite and counts the dead columns."""
+    w, sign = torch.randn(4, 3), build_method("sign")
+    h = torch.eye(3)
+    h[1, 2] = h[2, 1] = float("inf")
+    with pytest.raises(NumericalError, match=r"^layer 2 mlp.up_proj \(0 of 3 input columns dead\): the Hessian holds "
+                                             r"NaN/Inf: the linear's inputs .* contain NaN/Inf"):
+        quantize_linear(w, h, sign, name="layer 2 mlp.up_proj")
+    h = torch.diag(torch.tensor([0.0, 1.0, -1e6]))
+    with pytest.raises(NumericalError, match=r"\(1 of 3 input columns dead\): Hessian not positive definite even at "
+                                             r"percdamp=1000 \(inputs finite\)"):
+        quantize_linear(w, h, sign, name="layer 2 mlp.up_proj")
 
 
 def test_block_compensation_with_identity_leaves_weights_unchanged():

@@ -9,7 +9,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .checks import context
 from .config import QuantConfig
+from .errors import InputError
 from .engine.capture import ActivationBuffers
 from .engine.checkpoint import LayerCheckpoint
 from .engine.distributed import init_from_env, rank_world
@@ -71,11 +73,12 @@ def quantize(
     init_from_env(config.device)
     rank, world = rank_world()
     if calib_data.shape[0] < world:
-        raise ValueError(f"{calib_data.shape[0]} calibration samples cannot be split over {world} processes")
+        raise InputError(f"{calib_data.shape[0]} calibration samples cannot be split over {world} processes",
+                         hint="Use --nsamples of at least the number of processes")
     t0 = time.perf_counter()
     if isinstance(model, StreamedModel):
         if config.transform != "none" or config.act_bits is not None:
-            raise ValueError("transforms and activation quantization need the whole model in memory: drop --stream")
+            raise InputError("transforms and activation quantization need the whole model in memory", hint="Drop --stream")
         scales, transform = {}, {}
     else:
         scales, transform = apply_prepass(net, adapter, config, calib_data)  # transform (dbell | rotate) + act quant hooks
@@ -88,6 +91,4 @@ def quantize(
 
 def check_seqlen(model: nn.Module, seqlen: int) -> None:
     """A window longer than the model's context gives meaningless results: refuse it."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seqlen > limit:
-        raise ValueError(f"seqlen {seqlen} exceeds the model's context of {limit} tokens (max_position_embeddings)")
+    context(getattr(model.config, "max_position_embeddings", None), seqlen, "seqlen")

@@ -1,20 +1,99 @@
-"""Command line: ``onebit quantize``, ``onebit eval``, ``onebit methods``, ``onebit table``, ``onebit report``."""
+"""Command line: ``onebit quantize``, ``onebit eval``, ``onebit methods``, ``onebit table``, ``onebit report``.
+
+Every command checks what it can before any expensive step (``onebit.checks``), and all of them share one
+error boundary (``OnebitCli``)."""
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import logging
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from torch import Tensor
+from typer.core import TyperGroup
 
+from . import checks
+from .data import corpora
+from .errors import InputError, OnebitError
+from .files import disk_full
 from .methods import available_methods, method_options
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="1-bit post-training quantization of LLMs.")
 console = Console(stderr=True)
+log = logging.getLogger("onebit")
+
+# OS errors that are the user's to fix (a path that is wrong, unwritable or full), not bugs
+USER_ERRNOS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EROFS, errno.ENOSPC,
+               errno.EDQUOT)
+
+
+def expected_error(e: BaseException) -> str | None:
+    """The one-paragraph message of an expected failure; None for anything else (a bug)."""
+    if isinstance(e, OnebitError):
+        return str(e)
+    if disk_full(e):
+        return (f"no space left on the device ({e}). Free space there or write elsewhere, then run the command "
+                f"again (a quantize run continues at its first unfinished layer with --resume)")
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e}). Convert it to UTF-8"
+    if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+        return f"{e.strerror}: {e.filename}. Check the path and its permissions"
+    return None
+
+
+class OnebitCli(TyperGroup):
+    """The commands behind one error boundary: an expected failure (``expected_error``) ends as one paragraph
+    on stderr and exit status 1; ``--debug`` (or ``ONEBIT_DEBUG=1``) re-raises it with its traceback. Anything
+    else is a bug: traceback and a request to report it. Usage errors keep typer's exit status 2."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if "--debug" in args:  # a global option, also accepted after the command's name
+            args = ["--debug", *(a for a in args if a != "--debug")]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            message = expected_error(e)
+            if message is None:
+                traceback.print_exc()
+                typer.echo("This is a bug in onebit: please report it with the command line and the traceback above.",
+                           err=True)
+            else:
+                typer.echo(f"error: {message} (--debug shows the traceback)", err=True)
+            ctx.exit(1)
+
+
+app = typer.Typer(cls=OnebitCli, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", envvar="ONEBIT_DEBUG",
+                               help="show the traceback of expected errors too (any position; or ONEBIT_DEBUG=1)"),
+) -> None:
+    """1-bit post-training quantization of LLMs."""
+
+
+def _data_dir_option() -> Any:
+    return typer.Option(None, envvar="ONEBIT_DATA",
+                        help="data directory (default: ../shared/data if present, else the text bundled with onebit)")
+
+
+def _data_source_option() -> Any:
+    return typer.Option("local", help="local (the data directory or bundled text) | hub (the public files from the "
+                                      "Hugging Face Hub, downloaded once into its cache; needs network)")
 
 # Flags shared by several methods; each is passed only to the methods that declare an option of that name.
 METHOD_FLAGS = ("salient_metric", "iters", "iters_x", "cgb", "num_p", "share_mean", "group_partition", "haar_compat", "bits", "sym")
@@ -64,13 +143,47 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def evaluate_ppl(model, tok, datasets: list[str], seqlen: int, device: str, data_dir: str | None, windows: int | None, label: str) -> dict[str, float]:
+def _model_checked(model_path: str, seqlens: dict[str, int]) -> tuple[Path, dict[str, Any]]:
+    """Pre-flight on a model directory: config, family and weights present, each ``{option: seqlen}`` within
+    its context."""
+    path, cfg = checks.model_config(model_path)
+    for option, n in seqlens.items():
+        checks.context(cfg.get("max_position_embeddings"), n, option)
+    return path, cfg
+
+
+def _load_checked(path: Path, stream: bool = False) -> tuple[Any, Any, Path]:
+    """``load_model`` and then no NaN/Inf in any weight (from the shards when streaming)."""
+    from .models.loading import load_model
+
+    model, tok, path = load_model(str(path), stream=stream)
+    checks.finite_weights(checks.checkpoint_tensors(path) if stream else model.named_parameters(), str(path))
+    return model, tok, path
+
+
+def eval_sets(names: list[str], tok, src: corpora.DataSource, seqlen: int, windows: int | None) -> dict[str, Tensor]:
+    """Each perplexity set tokenized once, before any model work; each must fill the windows asked for."""
     from .data import eval_ids
+
+    sets = {}
+    for name in names:
+        ids = eval_ids(name, tok, src, seqlen)
+        n = ids.numel() // seqlen
+        if n == 0 or (windows is not None and n < windows):
+            asked = "" if windows is None else f", fewer than the --eval-windows {windows} asked for"
+            raise InputError(f"{name}: {ids.numel()} tokens make {n} evaluation windows of {seqlen}{asked}",
+                             hint="Lower --eval-windows or the evaluation seqlen")
+        sets[name] = ids
+    if names:
+        console.print(f"evaluation text: {', '.join(names)} from {src.label}")
+    return sets
+
+
+def evaluate_ppl(model, sets: dict[str, Tensor], seqlen: int, device: str, windows: int | None, label: str) -> dict[str, float]:
     from .eval import perplexity
 
     out = {}
-    for name in datasets:
-        ids = eval_ids(name, tok, data_dir, seqlen)
+    for name, ids in sets.items():
         t0 = time.perf_counter()
         out[name] = perplexity(model, ids, seqlen, device, windows)
         console.print(f"[bold]{label}[/] {name}: ppl {out[name]:.3f} ({time.perf_counter() - t0:.0f} s)")
@@ -97,6 +210,8 @@ def _tasks(tasks: str, task_data: str, data_dir: str | None) -> list[str]:
     names = list(TASKS) if _csv(tasks) == ["all"] else _csv(tasks)
     if task_data not in ("local", "hub"):
         raise typer.BadParameter(f"--task-data must be local or hub, got {task_data!r}")
+    if names and importlib.util.find_spec("lm_eval") is None:
+        raise InputError("--tasks needs lm-eval, which is not installed", hint="pip install 'onebit[eval]'")
     for t in names if task_data == "local" else []:
         local_paths(t, data_dir)
     return names
@@ -106,7 +221,8 @@ def _tasks(tasks: str, task_data: str, data_dir: str | None) -> list[str]:
 def quantize(
     model_path: str = typer.Argument(..., help="local HF model directory, or 'smollm2' for the embedded default"),
     method: str = typer.Option("braq", help=f"binarization method: {', '.join(available_methods())}"),
-    calib: str = typer.Option("c4", help="calibration set: wikitext2, c4, ptb, wikitext2-tok, shakespeare"),
+    calib: str = typer.Option("c4", help="calibration set: wikitext2, c4, ptb, wikitext2-tok, shakespeare; NAME:SPLIT "
+                                         "pins the split (train, valid, test; default train, else valid)"),
     eval: str = typer.Option("wikitext2", "--eval", help="comma-separated perplexity sets ('' for none)"),
     out: Optional[Path] = typer.Option(None, help="run directory: report.json (and --save output) go here"),
     nsamples: int = typer.Option(128, min=1),
@@ -123,7 +239,8 @@ def quantize(
                                               "f16); none = refuse them"),
     true_sequential: bool = typer.Option(False, help="re-collect Hessians after each linear group"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
-    data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA", help="data directory (default ../shared/data)"),
+    data_dir: Optional[str] = _data_dir_option(),
+    data_source: str = _data_source_option(),
     eval_windows: Optional[int] = typer.Option(None, min=1, help="evaluate on the first N windows only"),
     eval_seqlen: Optional[int] = typer.Option(None, min=2, help="evaluation window length (default: --seqlen)"),
     fp_eval: bool = typer.Option(True, "--fp-eval/--no-fp-eval", help="also evaluate the unquantized model"),
@@ -167,11 +284,11 @@ def quantize(
     """Binarize MODEL_PATH's decoder linears, evaluate perplexity (and zero-shot), write OUT/report.json."""
     from . import api
     from .config import CalibConfig, QuantConfig
-    from .data import calibration_samples
-    from .engine.checkpoint import LayerCheckpoint
+    from .data import calib_eval_overlap, calibration_samples
     from .engine.distributed import init_from_env, is_main
     from .engine.store import StreamedModel, save_streamed
-    from .models.loading import load_model
+    from .export.packed import save_model_dir
+    from .models.loading import load_tokenizer
     from .progress import progress_bars
     from .report import print_table, versions, write_json
 
@@ -191,27 +308,38 @@ def quantize(
     if save and rotate_down:
         raise typer.BadParameter("--save writes a plain transformers model, which cannot hold --rotate-down's online "
                                  "Hadamard: use --save-packed")
-    if (stream or resume) and out is None:
-        raise typer.BadParameter("--stream and --resume need --out (the run directory holds the layer checkpoints)")
+    _check_quantize_options(qcfg, out, stream, resume, save_packed)
+    t_start = time.perf_counter()
+    # pre-flight: everything that can fail is checked before the model is loaded
+    src = corpora.data_source(data_dir, data_source)
+    zs_tasks = _tasks(tasks, task_data, data_dir)
+    eval_seqlen = eval_seqlen or seqlen
+    path, model_cfg = _model_checked(model_path, {"--seqlen": seqlen, "--eval-seqlen": eval_seqlen})
+    if act_scales is not None:
+        checks.input_file(act_scales, "--act-scales")
+    _check_quantize_outputs(path, model_cfg, out, save, save_packed, offload_acts, resume, nsamples * seqlen)
     ccfg = CalibConfig(calib, nsamples, seqlen, seed)
     datasets = _csv(eval)
-    zs_tasks = _tasks(tasks, task_data, data_dir)
-    t_start = time.perf_counter()
+    tok = load_tokenizer(path)
+    samples, source = calibration_samples(calib, tok, nsamples, seqlen, seed, src)
+    console.print(f"calibration: {nsamples} × {seqlen} tokens from {source} ({src.label})")
+    sets = eval_sets(datasets, tok, src, eval_seqlen, eval_windows)
+    overlap = calib_eval_overlap(source, datasets)
+    if overlap:
+        log.warning("the calibration text (%s) is also evaluated: the %s perplexity is measured on text the model was "
+                    "calibrated on (report.json: calib_eval_overlap)", source, " and ".join(overlap))
     init_from_env(qcfg.device)
     main = is_main()
-    model, tok, path = load_model(model_path, stream=stream)
-    eval_seqlen = eval_seqlen or seqlen
-    api.check_seqlen(model, max(seqlen, eval_seqlen))
-    samples, source = calibration_samples(calib, tok, nsamples, seqlen, seed, data_dir)
-    console.print(f"calibration: {nsamples} × {seqlen} tokens from {source}")
+    model, tok, path = _load_checked(path, stream)
     report: dict[str, Any] = dict(
         name=name or run_label(qcfg), method=method, model=str(path), config=qcfg.to_dict(), calibration=dict(ccfg.to_dict(), source=source),
-        eval=dict(datasets=datasets, seqlen=eval_seqlen, windows=eval_windows), versions=versions(),
+        eval=dict(datasets=datasets, seqlen=eval_seqlen, windows=eval_windows), data_source=src.label,
+        calib_eval_overlap=overlap, versions=versions(),
     )
     ckpt = None if out is None else _layer_checkpoint(out, str(path), qcfg.to_dict(), ccfg.to_dict(), versions()["onebit"])
     with progress_bars(enabled=main):
         if fp_eval and datasets and main:
-            report["ppl_fp"] = evaluate_ppl(model, tok, datasets, eval_seqlen, qcfg.device, data_dir, eval_windows, "fp")
+            report["ppl_fp"] = evaluate_ppl(model, sets, eval_seqlen, qcfg.device, eval_windows, "fp")
         if fp_eval and zs_tasks and main:
             report["zeroshot_fp"] = evaluate_zeroshot(model, tok, zs_tasks, qcfg.device, data_dir, limit, task_data,
                                                       batch_size, "fp")
@@ -231,7 +359,7 @@ def quantize(
         report.update(paper_bpw=res.paper_bpw, storage_bpw=res.storage_bpw, bits=res.bits.to_dict(), seconds=res.seconds,
                       layers=[r.to_dict() for r in res.layers])
         report["plan"] = _print_plan(res.layers)
-        report["ppl"] = evaluate_ppl(model, tok, datasets, eval_seqlen, qcfg.device, data_dir, eval_windows, method)
+        report["ppl"] = evaluate_ppl(model, sets, eval_seqlen, qcfg.device, eval_windows, method)
         if zs_tasks:
             report["zeroshot"] = evaluate_zeroshot(model, tok, zs_tasks, qcfg.device, data_dir, limit, task_data,
                                                    batch_size, method)
@@ -239,12 +367,50 @@ def quantize(
     if out is not None:
         write_json(out / "report.json", report)
         if save:
-            save_streamed(model, out / "model") if stream else model.save_pretrained(out / "model")
-            tok.save_pretrained(out / "model")
+            (save_streamed if stream else save_model_dir)(model, out / "model", tok)
         console.print(f"report: {out / 'report.json'}")
     if save_packed is not None:
         _write_packed(model, tok, save_packed, collector.packed if collector else None, qcfg, res.bits, ckpt)
     print_table([report])
+
+
+def _check_quantize_options(qcfg, out: Path | None, stream: bool, resume: bool, save_packed: Path | None) -> None:
+    """Option combinations that cannot work (usage errors, exit status 2)."""
+    from .formats.packed import PackedFormatError, check_packable
+
+    if (stream or resume) and out is None:
+        raise typer.BadParameter("--stream and --resume need --out (the run directory holds the layer checkpoints)")
+    if stream and (qcfg.transform != "none" or qcfg.act_bits is not None):
+        raise typer.BadParameter("--stream reads one layer at a time; --transform and --act-bits need the whole model "
+                                 "in memory: drop --stream or them")
+    if save_packed is not None and qcfg.act_bits is not None:
+        raise typer.BadParameter("--save-packed stores weights only; activation quantization (--act-bits) is not in the format")
+    if save_packed is not None:
+        try:
+            check_packable(qcfg.method)
+        except PackedFormatError as e:
+            raise typer.BadParameter(str(e)) from None
+
+
+def _check_quantize_outputs(path: Path, model_cfg: dict[str, Any], out: Path | None, save: bool, save_packed: Path | None,
+                            offload_acts: Path | None, resume: bool, calib_tokens: int) -> None:
+    """Every output can be written, and the disk has room for what the run will write there (estimated from
+    the checkpoint's tensor shapes: layer checkpoints, --save, --save-packed, --offload-acts)."""
+    for p, option in ((out, "--out"), (save_packed, "--save-packed"), (offload_acts, "--offload-acts")):
+        if p is not None:
+            checks.output(p, option)
+    counts = checks.weight_counts(path, model_cfg["model_type"])
+    needs: dict[Path, int] = {}
+    if counts is not None and out is not None:
+        done = sum(f.stat().st_size for f in (out / "layers").glob("layer_*.safetensors")) if resume else 0
+        needs[out / "layers"] = max(int(counts[0] * checks.PACKED_BYTES_PER_WEIGHT) - done, 0)
+        if save:
+            needs[out / "model"] = sum(counts) * checks.FLOAT_BYTES
+    if counts is not None and save_packed is not None:
+        needs[save_packed] = checks.packed_bytes(counts)
+    if offload_acts is not None:  # layer inputs, float outputs and quantized outputs
+        needs[offload_acts] = 3 * calib_tokens * model_cfg.get("hidden_size", 0) * checks.FLOAT_BYTES
+    checks.free_space(needs)
 
 
 def _layer_checkpoint(out: Path, model: str, config: dict[str, Any], calibration: dict[str, Any], onebit: str):
@@ -257,19 +423,12 @@ def _layer_checkpoint(out: Path, model: str, config: dict[str, Any], calibration
 def _pack_collector(model, qcfg, save_packed: Path | None, stream: bool):
     """The ``on_layer`` callback that packs each linear for ``--save-packed`` (None when not asked, or when
     streaming: then the packed checkpoint is built from the layer checkpoints after the run)."""
-    if save_packed is None:
+    if save_packed is None or stream:
         return None
     from .export.packed import PackCollector
-    from .formats.packed import PackedFormatError, check_packable
     from .models import get_adapter
 
-    if qcfg.act_bits is not None:
-        raise typer.BadParameter("--save-packed stores weights only; activation quantization (--act-bits) is not in the format")
-    try:
-        check_packable(qcfg.method)
-    except PackedFormatError as e:
-        raise typer.BadParameter(str(e)) from None
-    return None if stream else PackCollector(get_adapter(model))
+    return PackCollector(get_adapter(model))
 
 
 def _write_packed(model, tok, out_dir: Path, packed, qcfg, bits, ckpt=None) -> None:
@@ -327,8 +486,6 @@ def run_label(cfg) -> str:
 
 def _plot_snapshot(model, cfg, out: Path | None) -> dict[str, Any]:
     """Copies of a few linears' weights before the transform, for the histogram PNGs (needs matplotlib)."""
-    import importlib.util
-
     if cfg.transform != "dbell" or out is None:
         return {}
     if importlib.util.find_spec("matplotlib") is None:
@@ -347,30 +504,32 @@ def _plot_snapshot(model, cfg, out: Path | None) -> dict[str, Any]:
 @app.command("act-scales")
 def act_scales_cmd(
     model_path: str = typer.Argument(..., help="local HF model directory, or 'smollm2'"),
-    calib: str = typer.Option("c4", help="calibration set: wikitext2, c4, ptb, wikitext2-tok, shakespeare"),
+    calib: str = typer.Option("c4", help="calibration set: wikitext2, c4, ptb, wikitext2-tok, shakespeare (NAME:SPLIT)"),
     out: Path = typer.Option(..., help="output .safetensors file"),
     nsamples: int = typer.Option(128, min=1),
     seqlen: int = typer.Option(2048, min=2),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
-    data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA"),
+    data_dir: Optional[str] = _data_dir_option(),
+    data_source: str = _data_source_option(),
 ) -> None:
     """Per-channel max |input| of every decoder linear over calibration windows (DBellQuant's act_scales)."""
-    from . import api
     from .data import calibration_samples
     from .models import get_adapter
-    from .models.loading import load_model
+    from .models.loading import load_tokenizer
     from .progress import progress_bars
     from .transforms import compute_act_scales, save_act_scales
 
     _setup_logging(False)
-    model, tok, _ = load_model(model_path)
-    api.check_seqlen(model, seqlen)
-    samples, source = calibration_samples(calib, tok, nsamples, seqlen, seed, data_dir)
+    src = corpora.data_source(data_dir, data_source)
+    path, _ = _model_checked(model_path, {"--seqlen": seqlen})
+    checks.output(out, "--out", "file")
+    samples, source = calibration_samples(calib, load_tokenizer(path), nsamples, seqlen, seed, src)
+    model, _, _ = _load_checked(path)
     with progress_bars():
         scales = compute_act_scales(model, get_adapter(model), samples, _resolve_device(device))
     save_act_scales(scales, out)
-    console.print(f"{len(scales)} linears, {nsamples} × {seqlen} tokens from {source} → {out}")
+    console.print(f"{len(scales)} linears, {nsamples} × {seqlen} tokens from {source} ({src.label}) → {out}")
 
 
 @app.command("eval")
@@ -383,25 +542,26 @@ def eval_cmd(
     batch_size: int = typer.Option(16, min=1, help="zero-shot batch size"),
     seqlen: int = typer.Option(2048, min=2),
     device: str = typer.Option("auto"),
-    data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA"),
+    data_dir: Optional[str] = _data_dir_option(),
+    data_source: str = _data_source_option(),
     eval_windows: Optional[int] = typer.Option(None, min=1),
 ) -> None:
     """Perplexity (exactly as the papers compute it) and/or zero-shot accuracy of a float or fake-quantized model."""
-    from . import api
-    from .models.loading import load_model
+    from .models.loading import load_tokenizer
     from .progress import progress_bars
 
     _setup_logging(False)
     zs_tasks = _tasks(tasks, task_data, data_dir)
-    sets = _csv(ppl) if ppl is not None else ([] if zs_tasks else ["wikitext2"])
+    names = _csv(ppl) if ppl is not None else ([] if zs_tasks else ["wikitext2"])
     if (Path(model_path) / "model" / "config.json").exists():  # a run directory written with --save
         model_path = str(Path(model_path) / "model")
-    model, tok, _ = load_model(model_path)
+    path, _ = _model_checked(model_path, {"--seqlen": seqlen} if names else {})
+    sets = eval_sets(names, load_tokenizer(path), corpora.data_source(data_dir, data_source), seqlen, eval_windows)
+    model, tok, _ = _load_checked(path)
     dev, out = _resolve_device(device), {}
     if sets:
-        api.check_seqlen(model, seqlen)
         with progress_bars():
-            out["ppl"] = evaluate_ppl(model, tok, sets, seqlen, dev, data_dir, eval_windows, "model")
+            out["ppl"] = evaluate_ppl(model, sets, seqlen, dev, eval_windows, "model")
     if zs_tasks:
         out["zeroshot"] = evaluate_zeroshot(model, tok, zs_tasks, dev, data_dir, limit, task_data, batch_size, "model")
     typer.echo(json.dumps(out))
@@ -435,6 +595,7 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="directories written 
     """Compare runs: one markdown table (bpw, ppl, zero-shot, seconds) and plots (ppl vs storage bpw, per-layer error)."""
     from .report import write_report
 
+    checks.output(out, "--out")
     md, paths = write_report(run_dirs, out, frontier)
     typer.echo(md)
     console.print("wrote " + ", ".join(str(p) for p in paths))
@@ -449,9 +610,8 @@ def pack(
     whole model), or else by re-deriving the stored form from `--save` fake-quant weights (sign only)."""
     from .config import QuantConfig
     from .engine.store import StreamedModel
-    from .formats.packed import PackedFormatError
     from .methods.base import Bits
-    from .models.loading import load_model
+    from .models.loading import load_tokenizer
     from .report import load_report
 
     report = load_report(run_dir)
@@ -462,15 +622,16 @@ def pack(
     source = run_dir / "model" if (run_dir / "model").exists() else Path(report["model"])
     if cfg.get("transform", "none") != "none" and source != run_dir / "model":
         raise typer.BadParameter(f"{run_dir}: a --transform run needs its --save model/ (the folded norms) to pack")
-    try:
-        if (run_dir / "layers").exists():
-            tok = load_model(str(source), stream=True)[1]
-            ckpt = _layer_checkpoint(run_dir, report["model"], cfg, report["calibration"], report["versions"]["onebit"])
-            _write_packed(StreamedModel(source), tok, out, None, QuantConfig.from_dict(cfg), Bits.from_dict(report["bits"]), ckpt)
-        else:
-            _repack_saved(run_dir, out, report)
-    except PackedFormatError as e:
-        raise typer.BadParameter(str(e)) from None
+    source, model_cfg = checks.model_config(str(source))
+    checks.output(out, "--out")
+    counts = checks.weight_counts(source, model_cfg["model_type"])
+    checks.free_space({} if counts is None else {out: checks.packed_bytes(counts)})
+    if (run_dir / "layers").exists():
+        ckpt = _layer_checkpoint(run_dir, report["model"], cfg, report["calibration"], report["versions"]["onebit"])
+        _write_packed(StreamedModel(source), load_tokenizer(source), out, None, QuantConfig.from_dict(cfg),
+                      Bits.from_dict(report["bits"]), ckpt)
+    else:
+        _repack_saved(run_dir, out, report)
 
 
 def _repack_saved(run_dir: Path, out: Path, report: dict[str, Any]) -> None:
@@ -505,7 +666,8 @@ def export_gguf(
                                                     "a lossless export ('' = none)"),
     eval_seqlen: Optional[int] = typer.Option(None, min=2, help="evaluation window (default: the run's, else 2048)"),
     eval_windows: Optional[int] = typer.Option(None, min=1, help="first N windows (default: the run's)"),
-    data_dir: Optional[str] = typer.Option(None, envvar="ONEBIT_DATA"),
+    data_dir: Optional[str] = _data_dir_option(),
+    data_source: str = _data_source_option(),
     device: str = typer.Option("auto"),
 ) -> None:
     """Write a llama.cpp GGUF. Linears quantized with a GGUF block type (q1_0, tq1_0, tq2_0, q2_k and their
@@ -514,18 +676,29 @@ def export_gguf(
     from .export.gguf import export_gguf as write_gguf
     from .export.gguf import open_source
 
+    from .models.loading import load_tokenizer
+
+    checks.output(out, "OUT", "file")
     try:
         src = open_source(source)
-        summary = write_gguf(src, out, float_type)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None
-    _print_gguf(summary, out)
     run = src.report or {}
-    datasets = _csv(eval) if eval != "auto" else ([] if summary["exact"] else ["wikitext2"])
-    if datasets:
-        settings = run.get("eval") or {}
-        seqlen, windows = eval_seqlen or settings.get("seqlen") or 2048, eval_windows or settings.get("windows")
-        summary["ppl_gguf"] = _eval_gguf(out, src.model_dir, datasets, seqlen, windows, data_dir, _resolve_device(device))
+    settings = run.get("eval") or {}
+    seqlen, windows = eval_seqlen or settings.get("seqlen") or 2048, eval_windows or settings.get("windows")
+    requested = None if eval == "auto" else _csv(eval)
+    # the evaluation text is checked (and tokenized) before the export work
+    sets = eval_sets(requested if requested is not None else ["wikitext2"], load_tokenizer(src.model_dir),
+                     corpora.data_source(data_dir, data_source), seqlen, windows) if requested != [] else {}
+    try:
+        summary = write_gguf(src, out, float_type)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    _print_gguf(summary, out)
+    if requested is None and summary["exact"]:
+        sets = {}  # auto: a lossless export is the run itself
+    if sets:
+        summary["ppl_gguf"] = _eval_gguf(out, src.model_dir, sets, seqlen, windows, _resolve_device(device))
         measured = run.get("ppl") or {}
         for d, ppl in summary["ppl_gguf"].items():
             console.print(f"{d}: GGUF ppl {ppl:.3f}" + (f"; the run measured {measured[d]:.3f}" if d in measured else ""))
@@ -556,15 +729,15 @@ def _print_gguf(summary: dict[str, Any], out: Path) -> None:
         console.print(f"  {module} (in {width}): {how} ×{n}")
 
 
-def _eval_gguf(path: Path, model_dir: Path, datasets, seqlen, windows, data_dir, device) -> dict[str, float]:
+def _eval_gguf(path: Path, model_dir: Path, sets: dict[str, Tensor], seqlen: int, windows: int | None,
+              device: str) -> dict[str, float]:
     """Perplexity of the GGUF reloaded by transformers (by onebit's reader where gguf cannot decode a type)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .export.gguf import load_gguf_model
     from .progress import progress_bars
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         how = "transformers"
@@ -572,7 +745,7 @@ def _eval_gguf(path: Path, model_dir: Path, datasets, seqlen, windows, data_dir,
         model, how = load_gguf_model(path, model_dir), f"onebit's reader (transformers: {e})"
     console.print(f"reloaded {path} with {how}")
     with progress_bars():
-        return evaluate_ppl(model.eval(), tok, datasets, seqlen, device, data_dir, windows, "gguf")
+        return evaluate_ppl(model.eval(), sets, seqlen, device, windows, "gguf")
 
 
 def main() -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from .errors import DataError, MissingFileError
+from .files import atomic_output, read_text
 
 
 def versions() -> dict[str, str]:
@@ -26,18 +27,19 @@ def versions() -> dict[str, str]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic write: a reader never sees a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def load_report(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "report.json"
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no report.json (is this an `onebit quantize --out` directory?)")
-    return json.loads(path.read_text())
+        raise MissingFileError(f"{run_dir}: no report.json", hint="Pass a run directory written by "
+                                                                  "`onebit quantize --out RUN`")
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e})", hint="Was the run interrupted? Run it again") from None
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:

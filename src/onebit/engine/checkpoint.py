@@ -7,7 +7,8 @@ method's ``decode_block`` (the method and block size its report slice records, e
 it is stored (``{linear}.weight``, fp32) only when the blocks do not reproduce it bit-exactly. Bit planes are
 stored packed (their shapes in the metadata), so a layer file holds about the storage bpw, not 32 bits per
 weight plus the blocks.
-A file is written to a temporary name, fsynced and renamed: a reader sees a whole file or none. On resume a
+A file is written to a temporary name, fsynced and renamed (``files.atomic_output``): a reader sees a whole
+file or none, also when the disk fills up or the run is killed mid-write. On resume a
 file that is unreadable, truncated or from another configuration is never reused: the run restarts at the
 first layer without a valid file, and recomputes everything after it.
 """
@@ -18,13 +19,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..errors import DataError
+from ..files import atomic_output
 from ..formats.bitpack import pack_bits, unpack_bits
 from ..methods.base import decode_linear
 from .plan import LinearPlan, Plan
@@ -94,12 +96,8 @@ class LayerCheckpoint:
         order = {name: list(bl[0]) for name, bl in blocks.items() if bl}
         meta = {"format": FORMAT, "fingerprint": self.fp, "layer": str(idx), "record": json.dumps(record),
                 "param_order": json.dumps(order), "decoded": json.dumps(decoded), "bool_shapes": json.dumps(bool_shapes)}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(idx).with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(idx))
+        with atomic_output(self.path(idx)) as tmp:
+            save_file(tensors, tmp, metadata=meta)
 
     def load(self, idx: int, weights: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
         """(quantized weights by linear name, report slice) if layer ``idx`` has a valid file, else None.
@@ -143,7 +141,8 @@ class LayerCheckpoint:
         a layer without a valid file is an error, never a silent fall-back to the float weights)."""
         got = self.load(idx)
         if got is None:
-            raise RuntimeError(f"{self.path(idx)}: no valid layer checkpoint (see the warning above)")
+            raise DataError(f"{self.path(idx)}: no valid layer checkpoint (see the warning above)",
+                            hint="Run the same quantize command again with --resume to recompute it")
         return {f"{k}.weight": v for k, v in got[0].items()}
 
 

@@ -126,7 +126,7 @@ def _solve_group(
         if pos % world == rank:
             t1 = time.perf_counter()
             res = quantize_linear(linears[name].weight, accs[name].hessian, plans[name].build(), plans[name].block_size,
-                                  opts.percdamp, opts.feedback, opts.act_order)
+                                  opts.percdamp, opts.feedback, opts.act_order, name=f"layer {idx} {name}")
             mine[name] = (res, time.perf_counter() - t1)
         del accs[name]
     results: dict[str, LinearResult] = {}

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import NumericalError
 from ..methods.base import Binarizer, BlockContext, Bits
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,14 @@ class LinearResult:
         return cls(q, blocks, record.bits, record.loss, record.rel_err, record.percdamp, dict(record.stats))
 
 
-def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Tensor, float]:
-    """U upper-triangular with H_damped⁻¹ = Uᵀ U. On Cholesky failure, damping grows ×10 and is logged."""
+def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6, where: str = "linear") -> tuple[Tensor, float]:
+    """U upper-triangular with H_damped⁻¹ = Uᵀ U. On Cholesky failure, damping grows ×10 and is logged.
+    A Hessian with NaN/Inf (from non-finite inputs) fails at once; ``where`` names the linear in errors."""
+    if not bool(torch.isfinite(h).all()):
+        raise NumericalError(f"{where}: the Hessian holds NaN/Inf: the linear's inputs (calibration activations) "
+                             f"contain NaN/Inf", hint="Check the model's weights and the layers before this one "
+                                                      "(run `onebit eval` on the float model); the calibration text "
+                                                      "cannot cause this")
     mean_diag = torch.mean(torch.diag(h))
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     damp = percdamp
@@ -49,7 +56,8 @@ def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Tens
                 return u, damp
         log.warning("Cholesky failed at percdamp=%g; retrying with %g", damp, damp * 10)
         damp *= 10
-    raise RuntimeError(f"Hessian not positive definite even at percdamp={damp / 10:g}; use more calibration data")
+    raise NumericalError(f"{where}: Hessian not positive definite even at percdamp={damp / 10:g} (inputs finite)",
+                         hint="Calibrate on more tokens (--nsamples, --seqlen); if that does not help, it is a bug")
 
 
 FEEDBACK = ("block", "column", "none")
@@ -64,8 +72,10 @@ def quantize_linear(
     feedback: str = "block",
     act_order: bool = False,
     dtype: torch.dtype = torch.float32,
+    name: str = "linear",
 ) -> LinearResult:
-    """Quantize one linear's weight (n × m) given its Hessian (m × m), in ``dtype`` on the weight's device.
+    """Quantize one linear's weight (n × m) given its Hessian (m × m), in ``dtype`` on the weight's device;
+    ``name`` (e.g. ``layer 3 self_attn.q_proj``) identifies the linear in errors.
 
     ``feedback``: ``block`` — BiLLM's block-only compensation: each block is quantized whole, its error
     pushed to the later blocks through the Cholesky factor; ``column`` — GPTQ's: the method fits the block's
@@ -94,7 +104,8 @@ def quantize_linear(
     w[:, dead] = 0
     n, m = w.shape
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
-    u, damp = inverse_factor(h if perm is None else h[perm][:, perm], percdamp)
+    where = f"{name} ({int(dead.sum())} of {len(dead)} input columns dead)"
+    u, damp = inverse_factor(h if perm is None else h[perm][:, perm], percdamp, where=where)
     dj = torch.diag(u) if perm is None else torch.diag(u)[torch.argsort(perm)]  # per original column
     starts = list(range(0, m, blocksize))
     ctx = [BlockContext(d=dj[s : s + blocksize], h=h[s : s + blocksize, s : s + blocksize], start=s) for s in starts]

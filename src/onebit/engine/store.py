@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import MissingFileError
+from ..files import atomic_output
 from ..models import get_adapter
 from ..models.base import ArchAdapter, find_module
 
@@ -85,7 +87,8 @@ class StreamedModel:
             return {k: self.path / v for k, v in weight_map.items()}
         single = self.path / "model.safetensors"
         if not single.exists():
-            raise FileNotFoundError(f"{self.path}: no model.safetensors(.index.json); streaming needs safetensors weights")
+            raise MissingFileError(f"{self.path}: no model.safetensors(.index.json); streaming needs safetensors weights",
+                                   hint="Drop --stream, or convert the checkpoint to safetensors")
         from safetensors import safe_open
 
         with safe_open(single, framework="pt") as f:
@@ -179,28 +182,30 @@ def _drop_parameters(module: nn.Module) -> None:
         set_module_tensor_to_device(module, name, "meta")
 
 
-def save_streamed(model: StreamedModel, out_dir: str | Path) -> None:
+def save_streamed(model: StreamedModel, out_dir: str | Path, tokenizer: Any = None) -> None:
     """Write a streamed model (with its overrides, e.g. quantized layers) as a sharded HF checkpoint,
     one shard per decoder layer plus one for everything else: never more than one layer in memory."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     prefix = model.adapter.layers + "."
     weight_map: dict[str, str] = {}
     rest = [k for k in model.files if not (k.startswith(prefix) or ("model." + k).startswith(prefix))]
-    with_head = {k: v.contiguous() for k, v in model._read_keys(rest).items()}
-    save_file(with_head, out / "model-base.safetensors", metadata={"format": "pt"})
-    weight_map.update({k: "model-base.safetensors" for k in with_head})
-    for idx in range(len(model.adapter.decoder_layers(model.model))):
-        layer = model.load(idx)
-        tensors = {model._key(f"{prefix}{idx}.{n}"): p.detach().contiguous() for n, p in layer.named_parameters()}
-        name = f"model-layer-{idx:05d}.safetensors"
-        save_file(tensors, out / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-        model.release(idx, layer)
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    model.config.save_pretrained(out)
+    with atomic_output(out_dir) as out:
+        out.mkdir()
+        with_head = {k: v.contiguous() for k, v in model._read_keys(rest).items()}
+        save_file(with_head, out / "model-base.safetensors", metadata={"format": "pt"})
+        weight_map.update({k: "model-base.safetensors" for k in with_head})
+        for idx in range(len(model.adapter.decoder_layers(model.model))):
+            layer = model.load(idx)
+            tensors = {model._key(f"{prefix}{idx}.{n}"): p.detach().contiguous() for n, p in layer.named_parameters()}
+            name = f"model-layer-{idx:05d}.safetensors"
+            save_file(tensors, out / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in tensors})
+            model.release(idx, layer)
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        model.config.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
 
 
 def layer_store(model: nn.Module | StreamedModel) -> tuple[nn.Module, ArchAdapter, LayerStore]:

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ..engine.capture import ActivationBuffers, capture_inputs, run_layer
 from ..engine.store import StreamedModel, layer_store
+from ..errors import InputError
 from ..models.base import find_module, get_module
 from ..progress import track
 
@@ -25,7 +26,8 @@ def windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
     if max_windows is not None:
         nwin = min(nwin, max_windows)
     if nwin == 0:
-        raise ValueError(f"test text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise InputError(f"test text has {ids.numel()} tokens, fewer than one window of {seqlen}",
+                         hint="Lower the evaluation seqlen")
     return ids.reshape(-1)[: nwin * seqlen].reshape(nwin, seqlen)
 
 

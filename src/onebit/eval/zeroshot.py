@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from ..data.corpora import resolve_data_dir
+from ..errors import DataError, InputError, MissingFileError
 
 TASKS = ("piqa", "boolq", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "hellaswag")
 # The metric that enters the average (common convention; both are reported).
@@ -44,7 +45,8 @@ def _piqa(valid: Path, labels: Path) -> list[dict[str, Any]]:
     """baber/piqa: goal, sol1, sol2, label (int); the labels live in a separate file."""
     docs, lab = _jsonl(valid), _labels(labels)
     if len(docs) != len(lab):
-        raise ValueError(f"{valid} has {len(docs)} items but {labels} has {len(lab)} labels")
+        raise DataError(f"{valid} has {len(docs)} items but {labels} has {len(lab)} labels",
+                        hint="Restore both files from the same PIQA release")
     return [dict(goal=d["goal"], sol1=d["sol1"], sol2=d["sol2"], label=y) for d, y in zip(docs, lab)]
 
 
@@ -107,15 +109,16 @@ LOCAL_TASKS: dict[str, LocalTask] = {
 def local_paths(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The local files of ``task``; a missing one is an error that says which file to put where."""
     if task not in LOCAL_TASKS:
-        raise ValueError(f"no local data for task {task!r}; local tasks: {', '.join(LOCAL_TASKS)}")
+        raise InputError(f"no local data for task {task!r}", hint=f"Local tasks: {', '.join(LOCAL_TASKS)}; "
+                                                                  f"others need --task-data hub")
     spec, root = LOCAL_TASKS[task], resolve_data_dir(data_dir)
     paths = [root / f for f in spec.files]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise FileNotFoundError(
-            f"{task}: missing {', '.join(missing)}. Put the file(s) {', '.join(spec.files)} under the data directory "
-            f"{root} (--data-dir / ONEBIT_DATA; formats in the data README), or use --task-data hub on a networked "
-            f"machine to read the official dataset."
+        raise MissingFileError(
+            f"{task}: missing {', '.join(missing)}",
+            hint=f"Put the file(s) {', '.join(spec.files)} under the data directory {root} (--data-dir / ONEBIT_DATA; "
+                 f"formats in the data README), or use --task-data hub on a networked machine to read the official dataset",
         )
     return paths
 
@@ -221,7 +224,7 @@ def zeroshot(
     tm = task_manager()
     unknown = [t for t in tasks if t not in tm.task_index]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s) {unknown}")
+        raise InputError(f"unknown lm-eval task(s) {unknown}", hint="See lm-eval's task list (lm-eval --tasks list)")
     specs = [task_config(t, data_dir) if source == "local" else t for t in tasks]
     model.to(device)
     try:

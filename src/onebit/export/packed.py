@@ -16,6 +16,7 @@ from ..engine.pipeline import LayerRecord, LinearRecord
 from ..engine.plan import LinearPlan
 from ..engine.solver import LinearResult
 from ..engine.store import StreamedModel
+from ..files import atomic_output
 from ..formats.checkpoint import WEIGHTS_FILE
 from ..formats.packed import PackedFormatError, PackedLinear, quantization_config
 from ..methods.base import Bits
@@ -61,8 +62,6 @@ def save_packed_streamed(
     read from the original files (embeddings, norms, head, biases). Peak memory ≈ the packed model."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     qc = _packed_config(packed, method, method_options, block_size, bits)
     quantized = {f"{name}.weight" for name in packed}
     head = f"{model.adapter.lm_head}.weight"
@@ -71,11 +70,13 @@ def save_packed_streamed(
     tensors = {k: v.contiguous() for k, v in model.read(keep).items()}
     for name, p in packed.items():
         tensors.update(p.tensors(name))
-    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
-    model.config.quantization_config = qc
-    model.config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    with atomic_output(out_dir) as out:
+        out.mkdir()
+        save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
+        model.config.quantization_config = qc
+        model.config.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
     return qc
 
 
@@ -112,11 +113,16 @@ def save_packed(
     ``input_transforms``: {module: online transform entry} (rotate's ``--rotate-down``)."""
     from ..integrations.transformers import OnebitConfig
 
-    out = Path(out_dir)
     qc = _packed_config(packed, method, method_options, block_size, bits, input_transforms)
     replace_linears(model, packed, input_transforms)
     model.config.quantization_config = OnebitConfig(**qc)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    save_model_dir(model, out_dir, tokenizer)
     return qc
+
+
+def save_model_dir(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
+    """``save_pretrained`` of the model (and tokenizer) into ``out_dir``, atomically."""
+    with atomic_output(out_dir) as out:
+        model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)

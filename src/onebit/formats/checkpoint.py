@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import MissingFileError
 from .packed import PackedFormatError, PackedLinear, check_config, packed_from_tensors, storage_summary
 
 WEIGHTS_FILE = "model.safetensors"
@@ -18,7 +19,8 @@ WEIGHTS_FILE = "model.safetensors"
 def read_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json")
+        raise MissingFileError(f"{model_dir}: no config.json", hint="Pass a packed checkpoint directory "
+                                                                  "(onebit quantize --save-packed DIR, or onebit pack)")
     qc = json.loads(path.read_text()).get("quantization_config")
     if qc is None:
         raise PackedFormatError(f"{model_dir}: config.json has no quantization_config (not a packed onebit model)")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import OnebitError
 from ..methods.base import PARAM_DTYPE, block_widths, build_method, decode_linear, storage_bits
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 
@@ -39,7 +40,7 @@ SUFFIXES = ("packed_bits", "packed_fp16", "packed_index")
 UNPACKABLE = {"identity": "it stores the full-precision weight (it only checks the engine); there is nothing to pack"}
 
 
-class PackedFormatError(ValueError):
+class PackedFormatError(OnebitError, ValueError):
     """A packed checkpoint that cannot be trusted: truncated, corrupted, wrong version or wrong shapes."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import ArchAdapter, LinearGroup, find_module, get_module
 from .llama import LLAMA
 from .opt import OPT
@@ -18,12 +19,17 @@ def supported_model_types() -> list[str]:
 
 def get_adapter(model: nn.Module) -> ArchAdapter:
     """The adapter for a causal LM, chosen by ``config.model_type`` (never by the path's name)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return adapter_for_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def adapter_for_type(model_type: str | None, where: str = "") -> ArchAdapter:
+    """The adapter for ``config.model_type``; ``where`` (e.g. the config file) goes into the error."""
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
     families = "; ".join(f"{a.family}: {', '.join(a.model_types)}" for a in ADAPTERS)
-    raise ValueError(f"unsupported architecture {model_type!r}. Supported model types — {families}")
+    raise UnsupportedModelError(f"unsupported architecture {model_type!r}{f' ({where})' if where else ''}",
+                                hint=f"Supported model types — {families}")
 
 
-__all__ = ["ADAPTERS", "ArchAdapter", "LinearGroup", "find_module", "get_adapter", "get_module", "supported_model_types"]
+__all__ = ["ADAPTERS", "ArchAdapter", "adapter_for_type", "LinearGroup", "find_module", "get_adapter", "get_module", "supported_model_types"]

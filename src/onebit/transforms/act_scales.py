@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..engine.capture import capture_inputs, run_layer
+from ..files import atomic_output
 from ..models.base import ArchAdapter
 from ..progress import track
 
@@ -47,8 +48,8 @@ def compute_act_scales(
 
 
 def save_act_scales(scales: dict[str, Tensor], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in scales.items()}, str(path))
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
 
 
 def load_act_scales(path: str | Path) -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import DataError, UnsupportedModelError
 from ..models.base import ArchAdapter, get_module
 from ..progress import track
 
@@ -177,7 +178,8 @@ def apply_dbell(
     if mode not in MODES:
         raise ValueError(f"transform mode must be one of {MODES}, got {mode!r}")
     if getattr(model.config, "do_layer_norm_before", True) is False:
-        raise ValueError("the dual-bell fold needs pre-norm layers (OPT with do_layer_norm_before=False is post-norm)")
+        raise UnsupportedModelError("the dual-bell fold needs pre-norm layers (OPT with do_layer_norm_before=False is "
+                                    "post-norm)", hint="Drop --transform dbell for this model")
     t_start = time.perf_counter()
     applied: dict[str, Tensor] = {}
     all_t, all_steps = [], []
@@ -188,7 +190,8 @@ def apply_dbell(
             prefix = f"{adapter.layers}.{idx}."
             key = prefix + group.linears[0]
             if key not in act_scales:
-                raise KeyError(f"act scales have no entry {key!r} (computed for another model?)")
+                raise DataError(f"act scales have no entry {key!r} (computed for another model?)",
+                                hint="Compute them for this model: onebit act-scales MODEL --out FILE")
             linears = [get_module(layer, n) for n in group.linears]
             t, steps = group_scales([lin.weight for lin in linears], act_scales[key], mode, opts)
             fold_scales(get_module(layer, group.feeder), linears, t)
