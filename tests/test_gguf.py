@@ -240,8 +240,8 @@ def test_failed_export_leaves_no_file(setup, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", die)
-    with pytest.raises(OSError, match="disk full"):
-        runner.invoke(app, ["export-gguf", str(run), str(out)], catch_exceptions=False)
+    res = runner.invoke(app, ["export-gguf", str(run), str(out)])
+    assert res.exit_code != 0 and "disk full" in res.output
     assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 

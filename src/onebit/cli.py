@@ -679,10 +679,7 @@ def export_gguf(
     from .models.loading import load_tokenizer
 
     checks.output(out, "OUT", "file")
-    try:
-        src = open_source(source)
-    except (ValueError, FileNotFoundError) as e:
-        raise typer.BadParameter(str(e)) from None
+    src = open_source(source)
     run = src.report or {}
     settings = run.get("eval") or {}
     seqlen, windows = eval_seqlen or settings.get("seqlen") or 2048, eval_windows or settings.get("windows")
@@ -690,10 +687,7 @@ def export_gguf(
     # the evaluation text is checked (and tokenized) before the export work
     sets = eval_sets(requested if requested is not None else ["wikitext2"], load_tokenizer(src.model_dir),
                      corpora.data_source(data_dir, data_source), seqlen, windows) if requested != [] else {}
-    try:
-        summary = write_gguf(src, out, float_type)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+    summary = write_gguf(src, out, float_type)
     _print_gguf(summary, out)
     if requested is None and summary["exact"]:
         sets = {}  # auto: a lossless export is the run itself

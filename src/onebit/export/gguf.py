@@ -18,7 +18,6 @@ tensors.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError, MissingFileError, UnsupportedModelError
+from ..files import atomic_output
 from ..engine.plan import LinearPlan
 from ..formats.ggml import dequantize, to_gguf_bytes
 from ..methods.base import method_class
@@ -85,14 +86,14 @@ def run_source(run_dir: str | Path) -> ExportSource:
     report = load_report(run_dir)
     cfg = report["config"]
     if cfg.get("act_bits") is not None:
-        raise ValueError(f"{run_dir}: the run quantized activations (--act-bits {cfg['act_bits']}); GGUF holds weights "
+        raise InputError(f"{run_dir}: the run quantized activations (--act-bits {cfg['act_bits']}); GGUF holds weights "
                          "only, so the exported model would not be the one measured")
     if cfg.get("rotate_down"):
-        raise ValueError(f"{run_dir}: --rotate-down needs an online Hadamard on down_proj's input, which GGUF cannot "
+        raise InputError(f"{run_dir}: --rotate-down needs an online Hadamard on down_proj's input, which GGUF cannot "
                          "express: quantize without --rotate-down to export")
     saved = run_dir / "model"
     if cfg.get("transform", "none") != "none" and not (saved / "config.json").exists():
-        raise ValueError(f"{run_dir}: a --transform {cfg['transform']} run changed tensors outside the linears (norms); "
+        raise InputError(f"{run_dir}: a --transform {cfg['transform']} run changed tensors outside the linears (norms); "
                          "export needs the run's saved model (quantize with --save)")
     model_dir = saved if (saved / "config.json").exists() else Path(report["model"])
     streamed = StreamedModel(model_dir)
@@ -103,7 +104,7 @@ def run_source(run_dir: str | Path) -> ExportSource:
     def load(idx: int, weights: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
         got = ckpt.load(idx, weights)
         if got is None:
-            raise ValueError(f"{ckpt.path(idx)}: missing, unreadable or from another run: cannot export layer {idx}")
+            raise MissingFileError(f"{ckpt.path(idx)}: missing, unreadable or from another run: cannot export layer {idx}")
         return got
 
     layer_weights = lru_cache(maxsize=1)(lambda idx: load(idx, True)[0])  # the export walks layer by layer
@@ -128,7 +129,7 @@ def packed_source(model_dir: str | Path) -> ExportSource:
     qc, packed = load_packed(model_dir)
     online = [k for k, e in qc["modules"].items() if "input_transform" in e]
     if online:
-        raise ValueError(f"{len(online)} linears (e.g. {online[0]}) need an online input transform (--rotate-down), "
+        raise InputError(f"{len(online)} linears (e.g. {online[0]}) need an online input transform (--rotate-down), "
                          "which GGUF cannot express: quantize without --rotate-down to export")
     linears = {name: ExportLinear(name, LinearPlan(p.method, p.block_size, p.options), p.shape, p.blocks, p.dequantize)
                for name, p in packed.items()}
@@ -148,7 +149,7 @@ def open_source(path: str | Path) -> ExportSource:
         return run_source(path)
     if (path / "config.json").exists():
         return packed_source(path)
-    raise FileNotFoundError(f"{path} is neither a run directory (report.json and layers/ from `onebit quantize --out`) "
+    raise MissingFileError(f"{path} is neither a run directory (report.json and layers/ from `onebit quantize --out`) "
                             "nor a packed checkpoint (`onebit quantize --save-packed`)")
 
 
@@ -182,7 +183,7 @@ def _write_tokenizer(writer: Any, model_dir: Path) -> None:
     try:
         vocab = gguf.vocab.BpeVocab(model_dir)
     except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{model_dir}: GGUF export needs a byte-level BPE tokenizer (tokenizer.json or vocab.json; "
+        raise InputError(f"{model_dir}: GGUF export needs a byte-level BPE tokenizer (tokenizer.json or vocab.json; "
                          f"SmolLM2, Llama-3, Qwen): {e}") from None
     tokens, types = [], []
     for text, _score, ttype in vocab.all_tokens():
@@ -245,10 +246,10 @@ def export_gguf(source: ExportSource, out_path: str | Path, float_type: str = "a
     from transformers import AutoConfig
 
     if float_type not in FLOAT_TYPES:
-        raise ValueError(f"float type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
+        raise InputError(f"float type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
     cfg = AutoConfig.from_pretrained(source.model_dir)
     if cfg.model_type not in ("llama", "mistral"):
-        raise ValueError(f"GGUF export supports the llama family (llama, mistral), not {cfg.model_type!r}")
+        raise UnsupportedModelError(f"GGUF export supports the llama family (llama, mistral), not {cfg.model_type!r}")
     out_path = Path(out_path)
     types = Counter()
     for lin in source.linears.values():
@@ -289,20 +290,16 @@ def export_gguf(source: ExportSource, out_path: str | Path, float_type: str = "a
 
 
 def _write_atomic(writer: Any, out_path: Path) -> None:
-    """Header, metadata and tensors to a temporary file in the target directory, fsynced, renamed into place."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    """Header, metadata and tensors through ``files.atomic_output``: a whole file or none (a failure removes
+    the temporary file and leaves any earlier file in place)."""
     try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
+        with atomic_output(out_path) as tmp:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
     finally:
         writer.close()
-        tmp.unlink(missing_ok=True)
 
 
 def summarize(rows: list[dict[str, Any]], floats: dict[str, str], file_bytes: int) -> dict[str, Any]:
