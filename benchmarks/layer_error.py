@@ -28,6 +28,10 @@ SETS = {
             ("arb-x", {}), ("arb-rc", {"cgb": False}), ("arb-rc", {})],
     "hbllm": [("braq", {}), ("row-hbraq", {}), ("row-hbraq", {"share_mean": True}), ("col-hbraq", {}),
               ("col-hbraq", {"share_mean": True})],
+    # docs/lean.md: the seed references, then lean at ~1.1, ~1.2, ~1.5 (its defaults) and ~2.0 storage bpw
+    "lean": [("sign", {}), ("braq", {}), ("arb-rc", {}), ("gptq", {"bits": 2}), ("lean", {"salient_frac": 0}),
+             ("lean", {"salient_frac": [0.02, 0.08]}), ("lean", {}),
+             ("lean", {"salient_frac": [0.05, 0.15, 0.4], "salient_bits": [4, 3, 2]})],
 }
 
 
@@ -70,19 +74,27 @@ def main() -> None:
     ids, source = calibration_samples("c4", tok, args.nsamples, args.seqlen, 0)
     mats = layer_hessians(model, args.layer, ids)
     print(f"layer {args.layer}, {len(mats)} linears, calibration {args.nsamples} × {args.seqlen} from {source}\n")
-    print("| method | options | Σ tr(ΔW H ΔWᵀ) / Σ tr(W H Wᵀ) | paper bpw | storage bpw | seconds |")
-    print("|---|---|---|---|---|---|")
-    for name, opts in SETS[args.set]:
+    print_errors(list(mats.values()), SETS[args.set])
+
+
+def print_errors(mats: list[tuple[torch.Tensor, torch.Tensor]], runs: list[tuple[str, dict]]) -> None:
+    """One table row per (method, options): Σ tr(ΔW H ΔWᵀ) / Σ tr(W H Wᵀ) over the (weight, H) pairs, each
+    method with its own default feedback (as ``onebit quantize --feedback auto``) and act-order."""
+    print("| method | options | feedback | Σ tr(ΔW H ΔWᵀ) / Σ tr(W H Wᵀ) | paper bpw | storage bpw | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for name, opts in runs:
         method = build_method(name, **opts)
+        feedback = getattr(method, "default_feedback", "block")
+        act_order = getattr(method, "default_act_order", False) and feedback == "column"
         t0, num, den, bits = time.perf_counter(), 0.0, 0.0, Bits()
-        for w, h in mats.values():
-            res = quantize_linear(w, h, method)
+        for w, h in mats:
+            res = quantize_linear(w, h, method, feedback=feedback, act_order=act_order)
             dw = res.q - w
             num += float((dw @ h * dw).sum())
             den += float((w @ h * w).sum())
             bits = bits + res.bits
         label = " ".join(f"{k}={v}" for k, v in opts.items()) or "–"
-        print(f"| {name} | {label} | {num / den:.4f} | {bits.paper_bpw:.3f} | {bits.storage_bpw:.3f} | "
+        print(f"| {name} | {label} | {feedback} | {num / den:.4f} | {bits.paper_bpw:.3f} | {bits.storage_bpw:.3f} | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)
 
 

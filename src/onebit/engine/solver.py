@@ -108,7 +108,10 @@ def quantize_linear(
     u, damp = inverse_factor(h if perm is None else h[perm][:, perm], percdamp, where=where)
     dj = torch.diag(u) if perm is None else torch.diag(u)[torch.argsort(perm)]  # per original column
     starts = list(range(0, m, blocksize))
-    ctx = [BlockContext(d=dj[s : s + blocksize], h=h[s : s + blocksize, s : s + blocksize], start=s) for s in starts]
+    prepare = getattr(method, "prepare_linear", None)  # per-linear choices (e.g. a channel set) before the blocks
+    state = prepare(w, BlockContext(d=dj, h=h)) if prepare else None
+    ctx = [BlockContext(d=dj[s : s + blocksize], h=h[s : s + blocksize, s : s + blocksize], start=s, linear=state)
+           for s in starts]
     if feedback == "column":
         q, err, results = _column_feedback(w, u, method, ctx, blocksize, perm)
     else:

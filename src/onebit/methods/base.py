@@ -71,12 +71,14 @@ class BlockContext:
 
     ``d``: diag of the upper Cholesky factor U of the damped H⁻¹ for these columns (d_j = U_jj, framework §3);
     ``h``: the (undamped, dead-column-fixed) Hessian block H[J, J] = (2/N)·Σ x_J x_Jᵀ;
-    ``start``: index of the block's first column in the linear.
+    ``start``: index of the block's first column in the linear;
+    ``linear``: what the method's optional ``prepare_linear`` returned for the whole linear (None without one).
     """
 
     d: Tensor
     h: Tensor
     start: int = 0
+    linear: Any = None
 
 
 @dataclass
@@ -100,6 +102,10 @@ class Binarizer(Protocol):
     Optional, for column-wise error feedback (``--feedback column``): ``fit_block(w, ctx) -> ColumnFit``, the
     block's parameters fitted as ``quantize_block`` fits them, with each column then assigned by the engine.
     Optional ``default_feedback`` ("block" | "column" | "none"): what the method's paper does (default block).
+    Optional ``prepare_linear(w, ctx) -> state``: called once per linear before its blocks, with the whole
+    linear's (dead-column-fixed) weight and a ``BlockContext`` covering all its columns; every block's
+    ``ctx.linear`` is then ``state`` (per-linear choices, e.g. a salient channel set). Whatever a block needs
+    to decode must still be in its own stored form.
     """
 
     name: ClassVar[str]
