@@ -172,13 +172,14 @@ def test_packed_model_roundtrip(tmp_path):
 
     from conftest import random_ids, tiny_model
     from onebit import QuantConfig, quantize
-    from onebit.formats.checkpoint import PackCollector, measured_bpw, save_packed
+    from onebit.export.packed import PackCollector, save_packed
+    from onebit.formats.checkpoint import measured_bpw
     from onebit.models import get_adapter
     from onebit.nn import packed_modules
 
     model, ids = tiny_model("llama", 1), random_ids(2, 24)
     opts = dict(salient_frac=[0.05, 0.2], salient_bits=[3, 2], param_dtype="fp8", mean=True, param_group=64)
-    col = PackCollector(get_adapter(model), "lean", 128)
+    col = PackCollector(get_adapter(model))
     res = quantize(model, QuantConfig(method="lean", method_options=opts), ids, on_layer=col)
     with torch.no_grad():
         logits = model(ids).logits
