@@ -151,3 +151,19 @@ def test_cli_budget_and_recipe(cli_setup):
     assert res.exit_code == 2 and "drop --method" in res.output
     listing = runner.invoke(app, ["recipes"])
     assert listing.exit_code == 0 and all(f"recipe {n}:" in listing.output for n in RECIPES)
+
+
+def test_beyond_rows_pass_the_cli_checks(tmp_path):
+    """Every row of ``benchmarks/results.py beyond`` is a valid command: it gets past option checking to the
+    model check (a missing directory here; the set itself runs on SmolLM2)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import results
+
+    names = [name for name, _ in results.rows("beyond", ("", []), 0)]
+    assert names[:2] == ["lean2", "lean15"] and "dbell+arb-rc+cgb" in names and len(set(names)) == len(names)
+    for name, args in results.rows("beyond", ("", []), 0):
+        res = CliRunner().invoke(app, results.command(name, args, False, str(tmp_path / "absent"))[1:])
+        assert res.exit_code == 1 and "does not exist" in res.output, (name, res.output)
