@@ -153,6 +153,28 @@ def test_cli_budget_and_recipe(cli_setup):
     assert listing.exit_code == 0 and all(f"recipe {n}:" in listing.output for n in RECIPES)
 
 
+def test_resume_counts_the_resumed_layers_and_keeps_their_choices(cli_setup):
+    """A killed budget run continued with --resume: the resumed layer's bits enter the budget, the result is
+    the uninterrupted run's, and `onebit pack` builds the mixed-layout checkpoint from the layer files."""
+    path, data, root = cli_setup
+    out = root / "resumed"
+    args = ["quantize", str(path), "--calib", "wikitext2", "--nsamples", "2", "--seqlen", "32", "--eval", "", "--data-dir",
+            str(data), "--device", "cpu", "--bpw-budget", "1.6", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    whole = json.loads((out / "report.json").read_text())
+    (out / "layers" / "layer_00001.safetensors").unlink()
+    assert CliRunner().invoke(app, [*args, "--resume"]).exit_code == 0
+    rep = json.loads((out / "report.json").read_text())
+    def chosen(r):
+        return [(x["plan"], x["bits"]) for layer in r["layers"] for x in layer["linears"]]
+
+    assert chosen(rep) == chosen(whole)
+    assert rep["storage_bpw"] == whole["storage_bpw"] == rep["budget"]["storage_bpw"] <= 1.6
+    assert [d["layer"] for d in rep["budget"]["linears"]] == [1] * 7  # layer 0 was resumed: no candidates listed
+    res = CliRunner().invoke(app, ["pack", str(out), "--out", str(root / "resumed-packed")])
+    assert res.exit_code == 0 and "measured from bytes" in res.output
+
+
 def test_beyond_rows_pass_the_cli_checks(tmp_path):
     """Every row of ``benchmarks/results.py beyond`` is a valid command: it gets past option checking to the
     model check (a missing directory here; the set itself runs on SmolLM2)."""
