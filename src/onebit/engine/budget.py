@@ -19,7 +19,7 @@ import json
 import math
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from ..errors import InputError
 from ..methods.base import build_method
 from .plan import LinearPlan, Plan, Shapes, default_fallback, fixed_block
 from .solver import LinearResult, quantize_linear
+
+if TYPE_CHECKING:
+    from .pipeline import LinearRecord
 
 
 @lru_cache(maxsize=None)
@@ -64,7 +67,8 @@ def best_choice(options: list[list[tuple[int, float]]], cap: int) -> list[int]:
 
 class BudgetPlan(Plan):
     """A ``Plan`` whose linears each try every candidate (``candidates``: [{method, options}], the first the
-    run's nominal method) and keep the Lagrangian choice under ``budget`` storage bpw over the whole model."""
+    run's nominal method) and keep, group by group, the least-error choice that holds the whole model at or
+    below ``budget`` storage bpw."""
 
     def __init__(self, budget: float, candidates: list[dict[str, Any]], blocksize: int) -> None:
         first = candidates[0]
@@ -126,7 +130,7 @@ class BudgetPlan(Plan):
                          for n, opts, k in zip(names, options, choice)]
         return dict(zip(names, choice))
 
-    def observe(self, records: list[Any]) -> None:
+    def observe(self, records: list["LinearRecord"]) -> None:
         for r in records:
             self.spent += r.bits.storage
             self.seen += r.bits.weights
@@ -135,8 +139,8 @@ class BudgetPlan(Plan):
             raise RuntimeError(f"bit budget broken: {self.spent} bits > {self.allowance} (a bug)")
 
     def summary(self) -> dict[str, Any]:
-        """B, the achieved storage bpw, the floor, each group's share, bits and error, each solved linear's choice among its
-        candidates' [storage bits, tr(ΔW H ΔWᵀ)] (linears resumed from checkpoints are not listed)."""
+        """B, the achieved storage bpw, the floor, each group's share, bits and error, and each solved linear's
+        choice among its candidates' [storage bits, tr(ΔW H ΔWᵀ)] (linears resumed from checkpoints: not listed)."""
         return dict(bpw_budget=self.budget, storage_bpw=self.spent / max(self.seen, 1), storage_bits=self.spent,
                     weights=self.seen, allowance_bits=self.allowance,
                     floor_bpw=sum(b for _, b in self.floors.values()) / max(self.weights, 1),
