@@ -15,6 +15,10 @@ from its last finished layer (`--resume`), so re-running the command after an in
     .venv/bin/python benchmarks/results.py gguf       # issue #19: q1_0, tq1_0, tq2_0, q2_k (block/column
                                                       # feedback, ± rotation) exported to GGUF and reloaded
                                                       # by transformers; braq / arb-rc's Q1_0 projection
+    .venv/bin/python benchmarks/results.py beyond     # issue #18: the recipes lean2/lean15, each component
+                                                      # (rotation, lean metadata, salient tiers, bit budget)
+                                                      # alone and combined, beside the best seed method
+    .venv/bin/python benchmarks/results.py beyond --dry-run   # list a set's commands without running them
 
 Every row uses the demo setting (16 × 1024 C4 calibration tokens; perplexity on the first 8 windows of
 2048 tokens of WikiText-2 and C4), so rows of different sets are comparable.
@@ -31,6 +35,7 @@ from pathlib import Path
 
 from onebit.report import write_report
 
+SETS = ("arb", "hbllm", "dbell", "zeroshot", "frontier", "gguf", "beyond")
 COMMON = ["--calib", "c4", "--nsamples", "16", "--seqlen", "1024", "--eval-seqlen", "2048"]
 PPL = ["--eval", "wikitext2,c4", "--eval-windows", "8"]
 ACT_BITS = (16, 8, 6)
@@ -60,7 +65,9 @@ def rows(which: str, best: tuple[str, list[str]], limit: int, seeds: int = 3) ->
         return frontier_rows(seeds)
     if which == "gguf":
         return gguf_rows()
-    raise SystemExit(f"unknown set {which!r}: arb, hbllm, dbell, zeroshot, frontier, gguf")
+    if which == "beyond":
+        return BEYOND
+    raise SystemExit(f"unknown set {which!r}: {', '.join(SETS)}")
 
 
 ARC = ["--method", "arb-rc", "--cgb"]
@@ -92,6 +99,24 @@ def frontier_rows(max_seeds: int = 3) -> list[tuple[str, list[str]]]:
         out += [(f"{name}-s{seed}", [*args, "--seed", str(seed)]) for name, args, seeds in FRONTIER if seed < seeds]
     return out
 
+
+ROT = ["--transform", "rotate", "--rotate-heads"]  # the recipes' rotation (folded: --save and GGUF keep it)
+LEAN2 = ["--method", "lean", "-m", "salient_frac=[0.05,0.15,0.4]", "-m", "salient_bits=[4,3,2]"]  # ≈ 1.93 bpw
+BEYOND = [  # docs/budget.md: the recipes first (the first row also evaluates fp), then the ablation
+    ("lean2", ["--recipe", "lean2"]),
+    ("lean15", ["--recipe", "lean15"]),
+    ("dbell+arb-rc+cgb", [*ARC, "--transform", "dbell"]),  # the best seed method (the frontier's row)
+    ("arb-rc+cgb", ARC),
+    ("rotate-heads+arb-rc+cgb", [*ARC, *ROT]),  # rotation alone
+    ("sign+col", ["--method", "sign", "--feedback", "column"]),  # the frontier's 1-bit reference
+    ("lean-1bit", ["--method", "lean", "-m", "salient_frac=0"]),  # lean metadata alone (≈ 1.08)
+    ("lean", ["--method", "lean"]),  # + structured salient channels (≈ 1.49)
+    ("lean-2.0", LEAN2),
+    ("rotate-heads+lean", ["--method", "lean", *ROT]),
+    ("rotate-heads+lean-2.0", [*LEAN2, *ROT]),
+    ("budget1.5", ["--bpw-budget", "1.5"]),  # the bit budget alone (lean candidates)
+    ("budget2", ["--bpw-budget", "2.0"]),
+]
 
 GGUF_TYPES = ("q1_0", "tq1_0", "tq2_0", "q2_k")
 
@@ -181,10 +206,15 @@ def best_method(runs: Path) -> tuple[str, list[str]]:
     return name, rows_[name]
 
 
+def command(name: str, args: list[str], fp: bool, model: str) -> list[str]:
+    """The ``onebit quantize`` command of a row (without its --out and --resume)."""
+    return [str(Path(sys.executable).parent / "onebit"), "quantize", model, *COMMON,
+            *([] if "--eval" in args else PPL), *args, "--name", name, "--fp-eval" if fp else "--no-fp-eval"]
+
+
 def run(name: str, args: list[str], runs: Path, fp: bool, model: str) -> Path:
     out = runs / name
-    cmd = [str(Path(sys.executable).parent / "onebit"), "quantize", model, *COMMON,
-           *([] if "--eval" in args else PPL), *args, "--name", name, "--fp-eval" if fp else "--no-fp-eval"]
+    cmd = command(name, args, fp, model)
     stamp = out / "command.json"
     if (out / "report.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd[1:]:
         print(f"[results] {name}: reusing {out}/report.json", flush=True)
@@ -197,9 +227,15 @@ def run(name: str, args: list[str], runs: Path, fp: bool, model: str) -> Path:
     return out
 
 
+def frontier_with(dirs: list[Path], runs: Path, seeds: int) -> list[Path]:
+    """``dirs`` and the frontier set's finished runs (each once): the frontier figure with a set's points on it."""
+    done = [runs / name for name, _ in frontier_rows(seeds) if (runs / name / "report.json").exists()]
+    return list(dict.fromkeys([*dirs, *done]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("set", choices=["arb", "hbllm", "dbell", "zeroshot", "frontier", "gguf"])
+    p.add_argument("set", choices=SETS)
     p.add_argument("--best", default="auto",
                    help="for the dbell and zeroshot sets: a method with its flags, e.g. 'row-hbraq --share-mean', or "
                         "'auto' = the arb/hbllm row with the lowest WikiText-2 perplexity")
@@ -207,12 +243,18 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="frontier: calibration seeds of the spread points")
     p.add_argument("--runs", type=Path, default=Path("runs/results"))
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--dry-run", action="store_true", help="print each row's command and run nothing")
     a = p.parse_args()
     best: tuple[str, list[str]] = ("", [])
     if a.set in ("dbell", "zeroshot"):
         flags = shlex.split(a.best)
         best = best_method(a.runs) if a.best == "auto" else ("-".join(flags), ["--method", *flags])
-    dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in enumerate(rows(a.set, best, a.limit, a.seeds))]
+    todo = rows(a.set, best, a.limit, a.seeds)
+    if a.dry_run:
+        for i, (name, args) in enumerate(todo):
+            print(f"{name}: {shlex.join(command(name, args, i == 0, a.model))} --out {a.runs / name} --resume")
+        return
+    dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in enumerate(todo)]
     if a.set == "gguf":
         summaries = [export_gguf(d) for d in dirs]
         table = gguf_table(dirs, summaries)
@@ -221,6 +263,8 @@ def main() -> None:
         print(table)
         dirs += projection_reports(dirs, summaries, a.runs / "gguf" / "projections")
     md, paths = write_report(dirs, a.runs / a.set, frontier=a.set in ("frontier", "gguf"))
+    if a.set == "beyond":  # the ablation table above (ppl, bpw, seconds); the points on the frontier figure
+        paths += write_report(frontier_with(dirs, a.runs, a.seeds), a.runs / a.set / "frontier", frontier=True)[1]
     print(md)
     print("wrote " + ", ".join(str(x) for x in paths))
 

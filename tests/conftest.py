@@ -76,6 +76,29 @@ def save_tiny_model_dir(path: Path, family: str = "llama", layers: int = 2) -> P
     return path
 
 
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Once per test module: a tiny model directory, a tiny data directory and a scratch root (CLI tests)."""
+    root = tmp_path_factory.mktemp("cli")
+    return save_tiny_model_dir(root / "model"), write_tiny_data(root / "data"), root
+
+
+def assert_packed_logits(path: Path, ids: torch.Tensor, logits: torch.Tensor, storage_bpw: float) -> None:
+    """The packed checkpoint at ``path``: its measured bpw is ``storage_bpw`` and, loaded by transformers, its
+    logits on the reference path are exactly ``logits`` (those of the fake-quant model)."""
+    from transformers import AutoModelForCausalLM
+
+    from onebit.formats.checkpoint import measured_bpw
+    from onebit.nn import packed_modules
+
+    assert measured_bpw(path)["storage_bpw_measured"] == pytest.approx(storage_bpw, abs=0)
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    for mod in packed_modules(loaded).values():
+        mod.use_kernel = False
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, logits, atol=0, rtol=0)
+
+
 def write_tiny_data(root: Path) -> Path:
     """A data directory with small wikitext2-raw and ptb files (same layout as the real one)."""
     import random

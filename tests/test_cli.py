@@ -8,7 +8,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import save_tiny_model_dir, write_tiny_data
 from onebit import QuantConfig, quantize
 from onebit.cli import app
 from onebit.models import get_adapter
@@ -16,14 +15,8 @@ from onebit.models import get_adapter
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    return save_tiny_model_dir(root / "model"), write_tiny_data(root / "data"), root
-
-
-def test_quantize_writes_report_and_fake_quant_model(setup):
-    model_dir, data, root = setup
+def test_quantize_writes_report_and_fake_quant_model(cli_setup):
+    model_dir, data, root = cli_setup
     out = root / "run"
     args = ["quantize", str(model_dir), "--method", "braq", "--calib", "wikitext2", "--eval", "wikitext2,ptb",
             "--nsamples", "4", "--seqlen", "64", "--eval-windows", "3", "--data-dir", str(data), "--out", str(out),
@@ -46,8 +39,8 @@ def test_quantize_writes_report_and_fake_quant_model(setup):
     assert table.exit_code == 0 and "| braq |" in table.output
 
 
-def test_method_flags_are_checked(setup):
-    model_dir, data, _ = setup
+def test_method_flags_are_checked(cli_setup):
+    model_dir, data, _ = cli_setup
     res = runner.invoke(app, ["quantize", str(model_dir), "--method", "braq", "--iters", "3", "--data-dir", str(data)])
     assert res.exit_code != 0 and "does not apply" in res.output
     res = runner.invoke(app, ["quantize", str(model_dir), "--method", "nope", "--data-dir", str(data)])
@@ -72,14 +65,14 @@ def test_config_round_trip():
         QuantConfig(method="sign", method_options={"iters": 3})
 
 
-def test_save_packed_in_memory_streamed_and_after_the_fact_agree(setup):
+def test_save_packed_in_memory_streamed_and_after_the_fact_agree(cli_setup):
     """--save-packed from the in-memory run, from a --stream run (built from the layer checkpoints) and
     `onebit pack RUN` afterwards: the same packed tensors, and each loads back to the fake-quant logits."""
     import onebit  # noqa: F401 - registers the quantizer
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    model_dir, data, root = setup
+    model_dir, data, root = cli_setup
     base = ["quantize", str(model_dir), "--method", "braq", "--calib", "wikitext2", "--nsamples", "4", "--seqlen", "64",
             "--eval", "", "--no-fp-eval", "--data-dir", str(data), "--device", "cpu"]
     runs = {}
@@ -109,8 +102,8 @@ def test_save_packed_in_memory_streamed_and_after_the_fact_agree(setup):
         torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_pack_refuses_activation_quantized_runs(setup, tmp_path):
-    model_dir, data, _ = setup
+def test_pack_refuses_activation_quantized_runs(cli_setup, tmp_path):
+    model_dir, data, _ = cli_setup
     out = tmp_path / "run"
     res = runner.invoke(app, ["quantize", str(model_dir), "--method", "sign", "--calib", "wikitext2", "--nsamples", "2",
                               "--seqlen", "32", "--eval", "", "--no-fp-eval", "--act-bits", "8", "--data-dir", str(data),

@@ -168,14 +168,10 @@ def test_bad_options(opts, match):
 def test_packed_model_roundtrip(tmp_path):
     """A tiny llama through the pipeline with non-default options (their decoder needs none): the packed
     checkpoint's measured bpw equals the report and its logits equal the fake-quant model's exactly."""
-    from transformers import AutoModelForCausalLM
-
-    from conftest import random_ids, tiny_model
+    from conftest import assert_packed_logits, random_ids, tiny_model
     from onebit import QuantConfig, quantize
     from onebit.export.packed import PackCollector, save_packed
-    from onebit.formats.checkpoint import measured_bpw
     from onebit.models import get_adapter
-    from onebit.nn import packed_modules
 
     model, ids = tiny_model("llama", 1), random_ids(2, 24)
     opts = dict(salient_frac=[0.05, 0.2], salient_bits=[3, 2], param_dtype="fp8", mean=True, param_group=64)
@@ -184,12 +180,7 @@ def test_packed_model_roundtrip(tmp_path):
     with torch.no_grad():
         logits = model(ids).logits
     save_packed(model, tmp_path, col.packed, "lean", opts, 128, res.bits)
-    assert measured_bpw(tmp_path)["storage_bpw_measured"] == pytest.approx(res.bits.storage_bpw, abs=0)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    for mod in packed_modules(loaded).values():
-        mod.use_kernel = False
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, logits, atol=0, rtol=0)
+    assert_packed_logits(tmp_path, ids, logits, res.bits.storage_bpw)
 
 
 def test_cli_method_options():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_ids, save_tiny_model_dir, tiny_config, tiny_model, write_tiny_data
+from conftest import random_ids, tiny_config, tiny_model
 from test_feedback import real_hessian
 from typer.testing import CliRunner
 
@@ -183,12 +183,6 @@ def test_resume_reproduces_a_rotated_run(tmp_path):
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rot")
-    return save_tiny_model_dir(root / "model"), write_tiny_data(root / "data"), root
-
-
 def fake_quant_logits(model_dir, data, cfg: QuantConfig, ids: torch.Tensor) -> torch.Tensor:
     """The CLI run below redone through the API: the fake-quant model (hooks included) on ``ids``."""
     from onebit.data import calibration_samples
@@ -202,13 +196,13 @@ def fake_quant_logits(model_dir, data, cfg: QuantConfig, ids: torch.Tensor) -> t
 
 
 @pytest.mark.parametrize("down", [False, True], ids=["heads-save", "heads-down-packed"])
-def test_cli_rotate_saves_and_reloads_the_fake_quant_logits(setup, down):
+def test_cli_rotate_saves_and_reloads_the_fake_quant_logits(cli_setup, down):
     """`--transform rotate --rotate-heads` (folded: --save and --save-packed reload with transformers alone;
     with --rotate-down only the packed model, whose down_proj applies the Hadamard, gives the same logits)."""
     import onebit  # noqa: F401 - registers the quantizer
     from transformers import AutoModelForCausalLM
 
-    model_dir, data, root = setup
+    model_dir, data, root = cli_setup
     out, packed = root / f"run-{down}", root / f"packed-{down}"
     args = ["quantize", str(model_dir), "--method", "braq", "--calib", "wikitext2", "--nsamples", "4", "--seqlen", "64",
             "--eval", "", "--no-fp-eval", "--data-dir", str(data), "--device", "cpu", "--out", str(out),

@@ -15,7 +15,8 @@ from .errors import InputError
 from .engine.capture import ActivationBuffers
 from .engine.checkpoint import LayerCheckpoint
 from .engine.distributed import init_from_env, rank_world
-from .engine.pipeline import LayerCallback, LayerRecord, quantize_model_layers, total_bits
+from .engine.pipeline import LayerCallback, LayerRecord, linear_shapes, quantize_model_layers, total_bits
+from .engine.plan import Plan
 from .engine.store import StreamedModel, layer_store
 from .methods.base import Bits
 from .transforms.prepass import apply_prepass
@@ -31,6 +32,7 @@ class QuantResult:
     seconds: float
     transform: dict[str, Any] = field(default_factory=dict)  # pre-pass stats (dbell, rotate)
     transform_scales: dict[str, Tensor] = field(default_factory=dict, repr=False)  # {linear: T}, not serialized
+    budget: dict[str, Any] | None = None  # the bit budget's summary (engine/budget.py), when the run had one
 
     @property
     def paper_bpw(self) -> float:
@@ -44,7 +46,7 @@ class QuantResult:
         return dict(
             config=self.config.to_dict(), paper_bpw=self.paper_bpw, storage_bpw=self.storage_bpw,
             bits=self.bits.to_dict(), seconds=self.seconds, transform=self.transform,
-            layers=[r.to_dict() for r in self.layers],
+            layers=[r.to_dict() for r in self.layers], **({"budget": self.budget} if self.budget else {}),
         )
 
 
@@ -76,6 +78,7 @@ def quantize(
         raise InputError(f"{calib_data.shape[0]} calibration samples cannot be split over {world} processes",
                          hint="Use --nsamples of at least the number of processes")
     t0 = time.perf_counter()
+    plan = start_plan(model, config)  # a bit budget's probes count in the run's seconds
     if isinstance(model, StreamedModel):
         if config.transform != "none" or config.act_bits is not None:
             raise InputError("transforms and activation quantization need the whole model in memory", hint="Drop --stream")
@@ -83,10 +86,19 @@ def quantize(
     else:
         scales, transform = apply_prepass(net, adapter, config, calib_data)  # transform (dbell | rotate) + act quant hooks
     layers = quantize_model_layers(
-        net, adapter, calib_data[rank::world], config.plan(), config.engine_options(), on_layer,
+        net, adapter, calib_data[rank::world], plan, config.engine_options(), on_layer,
         store=store, checkpoint=checkpoint, resume=resume, buffers=ActivationBuffers(offload_acts),
     )
-    return QuantResult(config, layers, total_bits(layers), time.perf_counter() - t0, transform, scales)
+    return QuantResult(config, layers, total_bits(layers), time.perf_counter() - t0, transform, scales, plan.summary())
+
+
+def start_plan(model: nn.Module | StreamedModel, config: QuantConfig) -> Plan:
+    """The run's plan, started on the model's linears: a bit budget measures its floors here and refuses a
+    budget below them (``InputError``) before any work."""
+    net, adapter, _ = layer_store(model)
+    plan = config.plan()
+    plan.start(linear_shapes(net, adapter))
+    return plan
 
 
 def check_seqlen(model: nn.Module, seqlen: int) -> None:

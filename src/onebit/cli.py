@@ -1,4 +1,4 @@
-"""Command line: ``onebit quantize``, ``onebit eval``, ``onebit methods``, ``onebit table``, ``onebit report``.
+"""Command line: ``onebit quantize``, ``onebit eval``, ``onebit methods``, ``onebit recipes``, ``onebit table``, ``onebit report``.
 
 Every command checks what it can before any expensive step (``onebit.checks``), and all of them share one
 error boundary (``OnebitCli``)."""
@@ -220,7 +220,7 @@ def _tasks(tasks: str, task_data: str, data_dir: str | None) -> list[str]:
 @app.command()
 def quantize(
     model_path: str = typer.Argument(..., help="local HF model directory, or 'smollm2' for the embedded default"),
-    method: str = typer.Option("braq", help=f"binarization method: {', '.join(available_methods())}"),
+    method: Optional[str] = typer.Option(None, help=f"binarization method (default braq): {', '.join(available_methods())}"),
     calib: str = typer.Option("c4", help="calibration set: wikitext2, c4, ptb, wikitext2-tok, shakespeare; NAME:SPLIT "
                                          "pins the split (train, valid, test; default train, else valid)"),
     eval: str = typer.Option("wikitext2", "--eval", help="comma-separated perplexity sets ('' for none)"),
@@ -271,6 +271,13 @@ def quantize(
     ltdb_p: float = typer.Option(1.0, help="LTDB: DTNP loss exponent (1 = paper's ablation winner, 2 = release)"),
     ltdb_opt: str = typer.Option("ltdb", help="OPT models: ltdb | smoothquant (the release's plain SmoothQuant path)"),
     act_scales: Optional[Path] = typer.Option(None, help="act scales from `onebit act-scales` (default: from calibration)"),
+    bpw_budget: Optional[float] = typer.Option(None, help="storage bpw bound over all quantized linears: each linear is solved "
+                                                          "with every budget candidate and the engine keeps one per linear "
+                                                          "(docs/budget.md); the candidates name the methods"),
+    budget_candidates: str = typer.Option("lean", help="the budget's candidates: a set's name (`onebit recipes`) or a JSON "
+                                                       "list of {\"method\": ..., \"options\": {...}}"),
+    recipe: Optional[str] = typer.Option(None, help="a named configuration (`onebit recipes`): lean2 (≤ 2.0 storage bpw), "
+                                                    "lean15 (≤ 1.5); it sets the transform and the budget"),
     name: Optional[str] = typer.Option(None, help="run name in tables (default: the method)"),
     tasks: str = typer.Option("", help="zero-shot lm-eval tasks after quantizing ('all' = the seven; needs onebit[eval])"),
     limit: Optional[int] = typer.Option(None, min=1, help="zero-shot: first N documents per task"),
@@ -295,14 +302,19 @@ def quantize(
     _setup_logging(verbose)
     flags = dict(salient_metric=salient_metric, iters=iters, iters_x=iters_x, cgb=cgb, num_p=num_p,
                  share_mean=share_mean, group_partition=group_partition, haar_compat=haar_compat, bits=bits, sym=sym)
+    fields = dict(transform=transform, act_bits=act_bits, hessian_from_quantized_acts=hessian_from_quantized_acts,
+                  ltdb_epochs=ltdb_epochs, ltdb_lr=ltdb_lr, ltdb_p=ltdb_p, ltdb_opt=ltdb_opt,
+                  act_scales=None if act_scales is None else str(act_scales), feedback=feedback, act_order=act_order,
+                  rotate_seed=rotate_seed, rotate_heads=rotate_heads, rotate_down=rotate_down, fallback=fallback,
+                  bpw_budget=bpw_budget, budget_candidates=_budget_candidates(budget_candidates))
+    fields.update(_recipe_fields(recipe, fields))
+    if fields["bpw_budget"] is not None and (method or method_option or any(v is not None for v in flags.values())):
+        raise typer.BadParameter("with a bit budget the candidates name the methods and their options "
+                                 "(--budget-candidates): drop --method and the method options")
+    method = method or "braq"
     try:
         qcfg = QuantConfig(method, method_options_from_flags(method, flags, method_option), blocksize, percdamp, gptq,
-                           true_sequential, _resolve_device(device),
-                           transform=transform, act_bits=act_bits, hessian_from_quantized_acts=hessian_from_quantized_acts,
-                           ltdb_epochs=ltdb_epochs, ltdb_lr=ltdb_lr, ltdb_p=ltdb_p, ltdb_opt=ltdb_opt,
-                           act_scales=None if act_scales is None else str(act_scales), feedback=feedback, act_order=act_order,
-                           rotate_seed=rotate_seed, rotate_heads=rotate_heads, rotate_down=rotate_down,
-                           fallback=fallback)
+                           true_sequential, _resolve_device(device), **fields)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if save and rotate_down:
@@ -331,8 +343,9 @@ def quantize(
     init_from_env(qcfg.device)
     main = is_main()
     model, tok, path = _load_checked(path, stream)
+    api.start_plan(model, qcfg)  # a bit budget below its candidates' floor is refused here, before any work
     report: dict[str, Any] = dict(
-        name=name or run_label(qcfg), method=method, model=str(path), config=qcfg.to_dict(), calibration=dict(ccfg.to_dict(), source=source),
+        name=name or recipe or run_label(qcfg), method=qcfg.method, model=str(path), config=qcfg.to_dict(), calibration=dict(ccfg.to_dict(), source=source),
         eval=dict(datasets=datasets, seqlen=eval_seqlen, windows=eval_windows), data_source=src.label,
         calib_eval_overlap=overlap, versions=versions(),
     )
@@ -359,6 +372,10 @@ def quantize(
         report.update(paper_bpw=res.paper_bpw, storage_bpw=res.storage_bpw, bits=res.bits.to_dict(), seconds=res.seconds,
                       layers=[r.to_dict() for r in res.layers])
         report["plan"] = _print_plan(res.layers)
+        if res.budget:
+            report["budget"] = res.budget
+            console.print(f"bit budget {res.budget['bpw_budget']:g}: {res.budget['storage_bpw']:.4f} storage bpw "
+                          f"(floor {res.budget['floor_bpw']:.4f})")
         report["ppl"] = evaluate_ppl(model, sets, eval_seqlen, qcfg.device, eval_windows, method)
         if zs_tasks:
             report["zeroshot"] = evaluate_zeroshot(model, tok, zs_tasks, qcfg.device, data_dir, limit, task_data,
@@ -387,9 +404,40 @@ def _check_quantize_options(qcfg, out: Path | None, stream: bool, resume: bool, 
         raise typer.BadParameter("--save-packed stores weights only; activation quantization (--act-bits) is not in the format")
     if save_packed is not None:
         try:
-            check_packable(qcfg.method)
+            for c in qcfg.budget_candidates if qcfg.bpw_budget is not None else [{"method": qcfg.method}]:
+                check_packable(c["method"])
         except PackedFormatError as e:
             raise typer.BadParameter(str(e)) from None
+
+
+def _budget_candidates(value: str) -> str | list[dict[str, Any]]:
+    """``--budget-candidates``: a set's name, or a JSON list."""
+    if not value.lstrip().startswith("["):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"--budget-candidates is not valid JSON: {e}") from None
+
+
+def _recipe_fields(name: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+    """The QuantConfig fields ``--recipe NAME`` sets; an option it sets that was also given is refused."""
+    import dataclasses
+
+    from .config import QuantConfig
+    from .recipes import recipe
+
+    if name is None:
+        return {}
+    try:
+        preset = recipe(name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    defaults = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
+    given = [k for k in preset if fields.get(k, defaults[k]) != defaults[k]]
+    if given:
+        raise typer.BadParameter(f"--recipe {name} sets {', '.join('--' + k.replace('_', '-') for k in given)}: drop them")
+    return preset
 
 
 def _check_quantize_outputs(path: Path, model_cfg: dict[str, Any], out: Path | None, save: bool, save_packed: Path | None,
@@ -473,10 +521,11 @@ def _print_plan(layers) -> dict[str, Any]:
 
 
 def run_label(cfg) -> str:
-    """Default run name: the method (with its bits), the pre-pass (rotate's options), activation bits and error
-    feedback when it is not the method's default."""
+    """Default run name: the method (with its bits; a bit budget: ``budget`` and its bound), the pre-pass
+    (rotate's options), activation bits and error feedback when it is not the method's default."""
     extras = [k for k, on in (("heads", cfg.rotate_heads), ("down", cfg.rotate_down)) if on]
-    label = cfg.method if cfg.transform == "none" else "-".join([cfg.transform, *extras]) + f"+{cfg.method}"
+    what = cfg.method if cfg.bpw_budget is None else f"budget{cfg.bpw_budget:g}"
+    label = what if cfg.transform == "none" else "-".join([cfg.transform, *extras]) + f"+{what}"
     opts = cfg.method_options
     label += f" w{opts['bits']}" if "bits" in opts else ""
     if cfg.feedback != getattr(cfg.build_method(), "default_feedback", "block"):
@@ -572,6 +621,17 @@ def methods() -> None:
     """List the methods and their options with defaults."""
     for m in available_methods():
         typer.echo(f"{m}: {json.dumps(method_options(m))}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the named recipes (`--recipe`) and budget candidate sets (`--budget-candidates`), docs/budget.md."""
+    from .recipes import CANDIDATES, RECIPES
+
+    for name, fields in RECIPES.items():
+        typer.echo(f"recipe {name}: {json.dumps(fields)}")
+    for name, cands in CANDIDATES.items():
+        typer.echo(f"candidates {name}: {json.dumps(cands)}")
 
 
 @app.command()

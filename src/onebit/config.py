@@ -6,11 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .engine.budget import BudgetPlan
 from .engine.pipeline import EngineOptions
 from .engine.plan import Plan, default_fallback, fixed_block
 from .engine.solver import FEEDBACK
 from .methods import build_method
 from .methods.base import Binarizer, method_class
+from .recipes import candidate_set
 
 TRANSFORMS = ("none", "dbell", "rotate")
 
@@ -24,7 +26,11 @@ class QuantConfig:
     for gptq, none for rtn), ``act_order`` (static act-order with column feedback; None = the method's
     default: on for gptq only) and ``fallback``: for a method with a fixed block (a GGUF block type, whose
     block size replaces ``blocksize``), the method of linears whose in_features that block does not divide
-    ("auto" = the method's own, q4_0 for the 1–2-bit types as llama.cpp; None = refuse such linears)."""
+    ("auto" = the method's own, q4_0 for the 1–2-bit types as llama.cpp; None = refuse such linears).
+    ``bpw_budget`` (docs/budget.md): a storage-bpw bound over all quantized linears; each linear then tries
+    every one of ``budget_candidates`` (a set's name in ``onebit.recipes.CANDIDATES``, or a list of
+    ``{"method", "options"}``) and keeps the choice of engine/budget.py; ``method`` and ``method_options``
+    become the first candidate's (the nominal method: labels, feedback and act-order defaults)."""
 
     method: str = "braq"
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +59,8 @@ class QuantConfig:
     rotate_heads: bool = False
     rotate_down: bool = False
     fallback: str | None = "auto"
+    bpw_budget: float | None = None
+    budget_candidates: str | list[dict[str, Any]] = "lean"
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -61,9 +69,30 @@ class QuantConfig:
             raise ValueError("percdamp must be in (0, 1)")
         self._validate_dbell()
         self._validate_rotate()
+        self._resolve_budget()
         method = self.build_method()  # validates the method name and options early
         self._resolve_feedback(method)
         self._resolve_fallback()
+        for c in self.budget_candidates if self.bpw_budget is not None else []:
+            if self.feedback == "column" and not hasattr(method_class(c["method"]), "fit_block"):
+                raise ValueError(f"budget candidate {c['method']!r} cannot assign single columns: use feedback block")
+
+    def _resolve_budget(self) -> None:
+        """Make ``budget_candidates`` an explicit list, each candidate checked; the nominal method is the first."""
+        if self.bpw_budget is None:
+            if self.budget_candidates != "lean":
+                raise ValueError("budget_candidates needs bpw_budget")
+            return
+        if not self.bpw_budget > 0:
+            raise ValueError(f"bpw_budget must be positive, got {self.bpw_budget}")
+        cands = self.budget_candidates
+        cands = candidate_set(cands) if isinstance(cands, str) else cands
+        if not isinstance(cands, list) or not cands or not all(isinstance(c, dict) and "method" in c for c in cands):
+            raise ValueError("budget_candidates must be a set's name or a non-empty list of {method, options}")
+        self.budget_candidates = [dict(method=c["method"], options=dict(c.get("options") or {})) for c in cands]
+        for c in self.budget_candidates:
+            build_method(c["method"], **c["options"])
+        self.method, self.method_options = self.budget_candidates[0]["method"], dict(self.budget_candidates[0]["options"])
 
     def _resolve_feedback(self, method: Binarizer) -> None:
         """Make ``feedback`` and ``act_order`` explicit (the report then records what ran)."""
@@ -99,7 +128,9 @@ class QuantConfig:
             raise ValueError(f"fallback method {self.fallback!r} cannot assign single columns: use feedback block")
 
     def plan(self) -> Plan:
-        """Each linear's method and block size (engine/plan.py)."""
+        """Each linear's method and block size (engine/plan.py), or its choice under the bit budget."""
+        if self.bpw_budget is not None:
+            return BudgetPlan(self.bpw_budget, self.budget_candidates, self.blocksize)
         return Plan(self.method, self.method_options, self.blocksize, self.fallback)
 
     def _validate_dbell(self) -> None:
@@ -136,8 +167,11 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["method_options"] = dataclasses.asdict(self.build_method())  # defaults made explicit
-        if d["fallback"] is None:  # absent = none: runs written before fallbacks keep their fingerprints
-            del d["fallback"]
+        for key in ("fallback", "bpw_budget"):  # absent = none: runs written before them keep their fingerprints
+            if d[key] is None:
+                del d[key]
+        if "bpw_budget" not in d:
+            del d["budget_candidates"]
         return d
 
     @classmethod

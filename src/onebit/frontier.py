@@ -51,8 +51,11 @@ def _key(r: dict[str, Any]) -> str:
 
 
 def _family(r: dict[str, Any]) -> str:
-    transform = (r.get("config") or {}).get("transform") or "none"
-    return ("" if transform == "none" else f"{transform}+") + r.get("method", "?")
+    """The pre-pass and the method; a bit-budget run is ``budget`` (its linears' methods vary)."""
+    cfg = r.get("config") or {}
+    transform = cfg.get("transform") or "none"
+    method = r.get("method", "?") if cfg.get("bpw_budget") is None else "budget"
+    return ("" if transform == "none" else f"{transform}+") + method
 
 
 def frontier_points(reports: list[dict[str, Any]]) -> list[Point]:

@@ -1,7 +1,8 @@
 """The layer-by-layer pipeline (framework §2): capture, per-layer Hessians, solve, replay quantized.
 
 It knows nothing of any method: each linear goes to ``quantize_linear`` with the method and block size its
-``Plan`` gives it (engine/plan.py), recorded in the linear's report slice.
+``Plan`` gives it (engine/plan.py), once per candidate plan when it has several (a bit budget), the plan's
+choice recorded in the linear's report slice.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .capture import ActivationBuffers, capture_inputs, run_layer
 from .checkpoint import LayerCheckpoint, set_weights
 from .distributed import all_reduce_, broadcast_object, is_main, rank_world
 from .hessian import HessianAccumulator
-from .plan import LinearPlan, Plan
+from .plan import LinearPlan, Plan, Shapes
 from .solver import LinearResult, quantize_linear
 from .store import InMemoryLayers, LayerStore
 
@@ -115,30 +116,45 @@ def _solve_group(
     group: list[str], linears: dict[str, nn.Linear], accs: dict[str, HessianAccumulator], plan: Plan,
     opts: EngineOptions, idx: int,
 ) -> tuple[dict[str, LinearResult], list[LinearRecord]]:
-    """Quantize a group's linears, split over the ranks (round robin); results broadcast from their solver."""
-    plans = {name: plan.resolve(idx, name, tuple(linears[name].weight.shape)) for name in group}
+    """Quantize a group's linears, each with every candidate its plan gives it (one unless a budget), the
+    solves split over the ranks (round robin) and broadcast from their solver; the plan keeps one result per
+    linear (a linear's seconds count all its candidates)."""
+    cands = {name: plan.candidates(idx, name, tuple(linears[name].weight.shape)) for name in group}
+    jobs = [(name, k) for name in group for k in range(len(cands[name]))]
     rank, world = rank_world()
     for acc in {id(a): a for a in accs.values()}.values():  # partial Hessians of all ranks summed
         all_reduce_(acc.xtx)
         acc.nsamples = int(all_reduce_(torch.tensor([acc.nsamples], device=acc.xtx.device)).item())
-    mine: dict[str, tuple[LinearResult, float]] = {}
-    for pos, name in enumerate(group):
+    mine: dict[tuple[str, int], tuple[LinearResult, float]] = {}
+    for pos, (name, k) in enumerate(jobs):
         if pos % world == rank:
             t1 = time.perf_counter()
-            res = quantize_linear(linears[name].weight, accs[name].hessian, plans[name].build(), plans[name].block_size,
-                                  opts.percdamp, opts.feedback, opts.act_order, name=f"layer {idx} {name}")
-            mine[name] = (res, time.perf_counter() - t1)
-        del accs[name]
+            p = cands[name][k]
+            res = quantize_linear(linears[name].weight, accs[name].hessian, p.build(), p.block_size, opts.percdamp,
+                                  opts.feedback, opts.act_order, name=f"layer {idx} {name}")
+            mine[(name, k)] = (res, time.perf_counter() - t1)
+        if k == len(cands[name]) - 1:
+            del accs[name]
+    solved = {job: broadcast_object(mine.get(job), pos % world) for pos, job in enumerate(jobs)}
+    choice = plan.choose(idx, {name: [solved[(name, k)][0] for k in range(len(cands[name]))] for name in group})
     results: dict[str, LinearResult] = {}
     recs: list[LinearRecord] = []
-    for pos, name in enumerate(group):
-        res, secs = broadcast_object(mine.get(name), pos % world)
+    for name in group:
+        res = solved[(name, choice[name])][0]
         lin = linears[name]
         lin.weight.data = res.q.to(lin.weight.device, lin.weight.dtype)
         results[name] = res
+        secs = sum(solved[(name, k)][1] for k in range(len(cands[name])))
         recs.append(LinearRecord(idx, name, tuple(lin.weight.shape), res.bits, res.loss, res.rel_err, res.percdamp, secs,
-                                 res.stats, plans[name]))
+                                 res.stats, cands[name][choice[name]]))
+    plan.observe(recs)
     return results, recs
+
+
+def linear_shapes(model: nn.Module, adapter: ArchAdapter) -> Shapes:
+    """Every decoder linear's (layer, name, weight shape), layer by layer (a model on the meta device too)."""
+    return [(i, name, tuple(lin.weight.shape)) for i, layer in enumerate(adapter.decoder_layers(model))
+            for name, lin in adapter.linears(layer).items()]
 
 
 @torch.no_grad()
@@ -180,6 +196,7 @@ def quantize_model_layers(
             set_weights(linears, saved[0])
             record = LayerRecord.from_dict(saved[1])
             results = {n: LinearResult.from_saved(saved[0][n], checkpoint.blocks(idx, n), r) for n, r in zip(linears, record.linears)}
+            plan.observe(record.linears)
             run_layer(layer, inps, calls[idx], opts.device, out=q_out, description=f"layer {idx}: replay (resumed)")
         else:
             resume = False  # every later layer depends on this one: recompute them all

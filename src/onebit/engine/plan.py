@@ -5,15 +5,26 @@ fixed-size block type (``block_size`` class attribute: a GGUF block, e.g. q2_k's
 a linear whose in_features that block does not divide cannot hold it: it gets the fallback method, resolved
 the same way (llama.cpp's quantizer does this per tensor: Q2_K/TQ1_0/TQ2_0 → Q4_0, and F16 when even the
 32-block fallback does not divide the row). The result is recorded per linear (report, layer checkpoints,
-packed manifest), so decoding never guesses; a later per-linear bit budget is another ``Plan``.
+packed manifest), so decoding never guesses.
+
+A plan may also give a linear several ``candidates``: the pipeline solves each, the plan's ``choose`` keeps
+one per linear of a group, and ``observe`` sees every finished linear (solved or resumed). The plain plan
+has one candidate; the per-linear bit budget (engine/budget.py) is a plan with several.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..methods.base import Binarizer, build_method, method_class
+
+if TYPE_CHECKING:
+    from .pipeline import LinearRecord
+    from .solver import LinearResult
+
+Shapes = list[tuple[int, str, tuple[int, int]]]
+"""Every decoder linear of a model: (layer, name, weight shape)."""
 
 
 @dataclass(frozen=True)
@@ -69,3 +80,21 @@ class Plan:
                                  f"{' → '.join(seen)} and no fallback method is set")
             method, options = fallback, {}
             fallback = default_fallback(method)
+
+    def start(self, shapes: Shapes) -> None:
+        """Called once with every linear of the model before any is solved (a budget checks itself here)."""
+
+    def candidates(self, layer: int, name: str, shape: tuple[int, int]) -> list[LinearPlan]:
+        """The plans linear ``name`` is solved with; ``choose`` keeps one of them."""
+        return [self.resolve(layer, name, shape)]
+
+    def choose(self, layer: int, solved: dict[str, list["LinearResult"]]) -> dict[str, int]:
+        """Which candidate each linear of a group keeps, given every candidate's result (in ``candidates`` order)."""
+        return {name: 0 for name in solved}
+
+    def observe(self, records: list["LinearRecord"]) -> None:
+        """Every finished linear's record, solved or resumed from a checkpoint."""
+
+    def summary(self) -> dict[str, Any] | None:
+        """What the plan decided, for the report (None: nothing beyond each linear's plan)."""
+        return None

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 class LinearResult:
     """``q``: the dequantized weight; ``blocks``: per-block stored tensors (for packers); ``bits``: totals;
     ``loss``: Σ (Wb − Qb)² / d² / 2 over blocks (the references' log line); ``rel_err``: tr(ΔW H ΔWᵀ) /
-    tr(W H Wᵀ) with the original W and H (the output error the layer actually sees, relative)."""
+    tr(W H Wᵀ) with the original W and H (the output error the layer actually sees, relative); ``err``: the
+    numerator tr(ΔW H ΔWᵀ) itself (absolute, in the linear's output units: what a bit budget compares;
+    NaN in a result rebuilt from a checkpoint)."""
 
     q: Tensor
     blocks: list[dict[str, Tensor]]
@@ -29,7 +31,7 @@ class LinearResult:
     rel_err: float
     percdamp: float
     stats: dict[str, float] = field(default_factory=dict)
-
+    err: float = float("nan")
 
     @classmethod
     def from_saved(cls, q: Tensor, blocks: list[dict[str, Tensor]], record: Any) -> "LinearResult":
@@ -122,9 +124,10 @@ def quantize_linear(
         for k, v in res.stats.items():
             stats[k] = stats.get(k, 0.0) + v
     dw = q - w_orig
-    rel = float((dw @ h_orig * dw).sum() / (w_orig @ h_orig * w_orig).sum().clamp_min(1e-30))
+    out_err = (dw @ h_orig * dw).sum()
+    rel = float(out_err / (w_orig @ h_orig * w_orig).sum().clamp_min(1e-30))
     loss = sum(float(err[:, s : s + blocksize].square().sum()) / 2 for s in starts)  # per block, as the references log
-    return LinearResult(q.float(), [r.params for r in results], bits, loss, rel, damp, stats)
+    return LinearResult(q.float(), [r.params for r in results], bits, loss, rel, damp, stats, float(out_err))
 
 
 def _block_feedback(

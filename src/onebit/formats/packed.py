@@ -13,10 +13,11 @@ tiles of ``TILE`` = 16, each tile column-major, so the 16 rows' bits of one colu
 their scales one 16-vector (what the packed kernels load; ``to_tiles``). The last tile holds the remaining
 rows. No padding: the streams hold exactly the method's bits.
 
-The parameter names and kinds come from ``quantization_config.param_layout[method]``; a per-module manifest
-(``quantization_config.modules``) records method, its options, block size, shape, stream sizes and CRC32s
-(linears of one checkpoint may differ in method and block size: engine/plan.py), so a reader can check a
-checkpoint before trusting it. Nothing is pickled.
+The parameter names and kinds come from ``quantization_config.param_layout[method]``, or from the module's
+own ``layout`` where its options give it another (a budget run's lean linears at different tiers); a
+per-module manifest (``quantization_config.modules``) records method, its options, block size, shape, stream
+sizes and CRC32s (linears of one checkpoint may differ in method, options and block size: engine/plan.py), so
+a reader can check a checkpoint before trusting it. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from ..methods.base import PARAM_DTYPE, block_widths, build_method, decode_linea
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 
 QUANT_METHOD = "onebit"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 3: a module may carry its own ``layout``; written only then, so that older readers
+                            # keep reading every checkpoint that does not need it
 TILE = 16
 SUFFIXES = ("packed_bits", "packed_fp16", "packed_index")
 UNPACKABLE = {"identity": "it stores the full-precision weight (it only checks the engine); there is nothing to pack"}
@@ -223,14 +226,15 @@ def quantization_config(
     {module: online transform entry} (rotate's down_proj Hadamard), stored in those modules' entries."""
     transforms = input_transforms or {}
     layouts: dict[str, list[list[str]]] = {}
-    for p in packed.values():
-        if layouts.setdefault(p.method, p.layout) != p.layout:
-            raise PackedFormatError(f"method {p.method!r} produced two different parameter layouts")
+    modules: dict[str, dict[str, Any]] = {}
+    for name, p in packed.items():
+        own = layouts.setdefault(p.method, p.layout) != p.layout
+        modules[name] = {**p.manifest(), **({"layout": p.layout} if own else {}),
+                         **({"input_transform": transforms[name]} if name in transforms else {})}
+    version = FORMAT_VERSION if any("layout" in e for e in modules.values()) else READABLE_VERSIONS[0]
     return dict(
-        quant_method=QUANT_METHOD, format_version=FORMAT_VERSION, method=method, method_options=method_options,
-        block_size=block_size, param_layout=layouts, overrides=overrides or {},
-        modules={name: {**p.manifest(), **({"input_transform": transforms[name]} if name in transforms else {})}
-                 for name, p in packed.items()},
+        quant_method=QUANT_METHOD, format_version=version, method=method, method_options=method_options,
+        block_size=block_size, param_layout=layouts, overrides=overrides or {}, modules=modules,
         storage=storage_summary(packed, bits_report),
     )
 
@@ -256,10 +260,10 @@ def check_config(qc: dict[str, Any]) -> None:
     """Refuse a config this reader does not understand."""
     if qc.get("quant_method") != QUANT_METHOD:
         raise PackedFormatError(f"quant_method is {qc.get('quant_method')!r}, not {QUANT_METHOD!r}")
-    if qc.get("format_version") != FORMAT_VERSION:
+    if qc.get("format_version") not in READABLE_VERSIONS:
         raise PackedFormatError(
-            f"packed format version {qc.get('format_version')!r} is not supported (this onebit reads version "
-            f"{FORMAT_VERSION}); re-pack the model with a matching onebit"
+            f"packed format version {qc.get('format_version')!r} is not supported (this onebit reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); re-pack the model with a matching onebit"
         )
     for key in ("method", "block_size", "param_layout", "modules"):
         if key not in qc:
@@ -285,6 +289,12 @@ def module_options(qc: dict[str, Any], name: str) -> dict[str, Any]:
     return qc.get("method_options", {}) if entry["method"] == qc["method"] else {}
 
 
+def module_layout(qc: dict[str, Any], name: str) -> list[list[str]]:
+    """A module's parameter layout: its manifest entry's own, else its method's."""
+    entry = qc["modules"][name]
+    return entry.get("layout") or qc["param_layout"][entry["method"]]
+
+
 def packed_from_tensors(qc: dict[str, Any], name: str, tensors: dict[str, Tensor]) -> PackedLinear:
     """Rebuild and verify one linear from its three tensors and its manifest entry."""
     entry = qc["modules"][name]
@@ -293,7 +303,7 @@ def packed_from_tensors(qc: dict[str, Any], name: str, tensors: dict[str, Tensor
         raise PackedFormatError(f"{name}: checkpoint lacks {missing} (truncated or not a onebit checkpoint)")
     bits, fp16, index = (tensors[f"{name}.{s}"] for s in SUFFIXES)
     packed = PackedLinear(
-        entry["method"], tuple(entry["shape"]), entry["block_size"], qc["param_layout"][entry["method"]], bits.to(torch.uint8),
+        entry["method"], tuple(entry["shape"]), entry["block_size"], module_layout(qc, name), bits.to(torch.uint8),
         fp16.to(PARAM_DTYPE), index.to(torch.int32), module_options(qc, name),
     )
     packed.validate(entry, name)

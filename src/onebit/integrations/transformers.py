@@ -14,7 +14,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..formats.packed import QUANT_METHOD, SUFFIXES, PackedFormatError, check_config, module_options
+from ..formats.packed import QUANT_METHOD, SUFFIXES, PackedFormatError, check_config, module_layout, module_options
 from ..nn.linear import OnebitLinear
 
 
@@ -51,8 +51,9 @@ def check_checkpoint_files(files: list[str] | None, qc: OnebitConfig) -> None:
                     shapes[key] = tuple(f.get_slice(key).get_shape())
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
             raise PackedFormatError(f"{path}: unreadable safetensors file (truncated or corrupted?): {e}") from None
+    qd = qc.to_dict()
     for name, entry in qc.modules.items():
-        expected = (entry["bits_bytes"],), (entry["fp16_count"],), (entry["blocks"], len(qc.param_layout[entry["method"]]), 3)
+        expected = (entry["bits_bytes"],), (entry["fp16_count"],), (entry["blocks"], len(module_layout(qd, name)), 3)
         for suffix, shape in zip(SUFFIXES, expected):
             got = shapes.get(f"{name}.{suffix}")
             if got != shape:
@@ -72,6 +73,7 @@ class OnebitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None, **kwargs: Any) -> None:
         qc = self.quantization_config
         check_checkpoint_files(checkpoint_files, qc)
+        qd = qc.to_dict()
         for name, entry in qc.modules.items():
             try:
                 old = model.get_submodule(name)
@@ -84,9 +86,9 @@ class OnebitHfQuantizer(HfQuantizer):
                     "(shape mismatch: wrong config.json for these weights?)"
                 )
             new = OnebitLinear(
-                m, n, old.bias is not None, entry["method"], entry["block_size"], qc.param_layout[entry["method"]],
+                m, n, old.bias is not None, entry["method"], entry["block_size"], module_layout(qd, name),
                 entry["bits_bytes"], entry["fp16_count"], entry["blocks"], dtype=old.weight.dtype, device=old.weight.device,
-                options=module_options(qc.to_dict(), name),
+                options=module_options(qd, name),
             )
             parent, child = _get_parent(model, name)
             setattr(parent, child, new)

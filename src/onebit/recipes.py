@@ -1,0 +1,44 @@
+"""Named configurations, in one place: budget candidate sets (``--budget-candidates NAME``) and recipes
+(``--recipe NAME``: QuantConfig fields). ``onebit recipes`` lists both; docs/budget.md says what backs each.
+
+The candidate set ``lean`` spans lean's tier settings from plain 1-bit to three tiers on 60 % of the input
+channels (storage bpw at the default 128-column blocks and int8 parameters, 576-wide rows; docs/budget.md
+measures them). Its first entry is the cheapest: a budget's floor and the run's nominal method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CANDIDATES: dict[str, list[dict[str, Any]]] = {
+    "lean": [
+        {"method": "lean", "options": {"salient_frac": 0}},                                               # ≈ 1.08 bpw
+        {"method": "lean", "options": {"salient_frac": [0.01, 0.05, 0.12], "salient_bits": [4, 3, 2]}},    # ≈ 1.33
+        {"method": "lean", "options": {"salient_frac": [0.02, 0.35], "salient_bits": [4, 2]}},             # ≈ 1.49
+        {"method": "lean", "options": {"salient_frac": [0.02, 0.08, 0.2], "salient_bits": [4, 3, 2]}},     # ≈ 1.50
+        {"method": "lean", "options": {"salient_frac": [0.03, 0.1, 0.3], "salient_bits": [4, 3, 2]}},      # ≈ 1.67
+        {"method": "lean", "options": {"salient_frac": [0.05, 0.15, 0.4], "salient_bits": [4, 3, 2]}},     # ≈ 1.93
+        {"method": "lean", "options": {"salient_frac": [0.1, 0.3, 0.6], "salient_bits": [4, 3, 2]}},       # ≈ 2.58
+    ],
+}
+
+# Not yet validated by full-model perplexity (benchmarks/results.py beyond runs them): chosen from the
+# layer-level measurements in docs/lean.md and docs/budget.md.
+RECIPES: dict[str, dict[str, Any]] = {
+    "lean2": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 2.0, "budget_candidates": "lean"},
+    "lean15": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 1.5, "budget_candidates": "lean"},
+}
+
+
+def candidate_set(name: str) -> list[dict[str, Any]]:
+    if name not in CANDIDATES:
+        raise ValueError(f"unknown budget candidate set {name!r}: {', '.join(CANDIDATES)} (or a JSON list of "
+                         f"{{method, options}})")
+    return [dict(c, options=dict(c["options"])) for c in CANDIDATES[name]]
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """A recipe's QuantConfig fields."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: {', '.join(RECIPES)}")
+    return dict(RECIPES[name])
