@@ -80,7 +80,9 @@ def test_rtn_grid_with_column_feedback_is_gptq(bits, act_order):
 
 @pytest.mark.parametrize("method", ["braq", "arb-rc", "sign", "arb"])
 def test_column_feedback_not_worse_than_block_feedback(method):
-    """tr(ΔW H ΔWᵀ): column feedback below block feedback (up to float noise) on at least 9 of 10 seeds."""
+    """tr(ΔW H ΔWᵀ): column feedback below block feedback (up to float noise) on at least 9 of 10 seeds.
+    Measured mean gains over the 10 seeds (min): braq 14.8 % (11.8), arb-rc 12.5 % (10.7), sign 13.5 %
+    (10.5), arb 12.8 % (10.1)."""
     gains = []
     for seed in range(10):
         torch.manual_seed(seed)
