@@ -213,6 +213,8 @@ def test_cli_rotate_saves_and_reloads_the_fake_quant_logits(cli_setup, down):
     assert rep["transform"]["mode"] == "rotate" and rep["name"] == ("rotate-heads-down+braq" if down else "rotate-heads+braq")
     ids = torch.randint(0, 60, (2, 20), generator=torch.Generator().manual_seed(1))
     want = fake_quant_logits(model_dir, data, QuantConfig("braq", transform="rotate", rotate_heads=True, rotate_down=down), ids)
+    # an online transform needs a reader that knows it: version 3 (a version-2 reader would ignore it)
+    assert json.loads((packed / "config.json").read_text())["quantization_config"]["format_version"] == (3 if down else 2)
     dirs = [packed] if down else [packed, out / "model"]
     for d in dirs:
         with torch.no_grad():

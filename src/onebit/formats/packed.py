@@ -36,8 +36,9 @@ from .bitpack import pack_bits, packed_nbytes, unpack_bits
 
 QUANT_METHOD = "onebit"
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)  # 3: a module may carry its own ``layout``; written only then, so that older readers
-                            # keep reading every checkpoint that does not need it
+READABLE_VERSIONS = (2, 3)  # 3: a module may carry its own ``layout`` or an online ``input_transform``; written
+                            # only then (a version-2 reader would ignore either and decode wrong outputs), so that
+                            # older readers keep reading every checkpoint that does not need it
 TILE = 16
 SUFFIXES = ("packed_bits", "packed_fp16", "packed_index")
 UNPACKABLE = {"identity": "it stores the full-precision weight (it only checks the engine); there is nothing to pack"}
@@ -231,7 +232,8 @@ def quantization_config(
         own = layouts.setdefault(p.method, p.layout) != p.layout
         modules[name] = {**p.manifest(), **({"layout": p.layout} if own else {}),
                          **({"input_transform": transforms[name]} if name in transforms else {})}
-    version = FORMAT_VERSION if any("layout" in e for e in modules.values()) else READABLE_VERSIONS[0]
+    needs_v3 = any("layout" in e or "input_transform" in e for e in modules.values())
+    version = FORMAT_VERSION if needs_v3 else READABLE_VERSIONS[0]
     return dict(
         quant_method=QUANT_METHOD, format_version=version, method=method, method_options=method_options,
         block_size=block_size, param_layout=layouts, overrides=overrides or {}, modules=modules,
