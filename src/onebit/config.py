@@ -9,7 +9,7 @@ from typing import Any
 from .engine.budget import BudgetPlan
 from .engine.pipeline import EngineOptions
 from .engine.plan import Plan, default_fallback, fixed_block
-from .engine.solver import FEEDBACK
+from .engine.solver import FEEDBACK, check_feedback
 from .methods import build_method
 from .methods.base import Binarizer, method_class
 from .recipes import candidate_set
@@ -105,13 +105,9 @@ class QuantConfig:
         if self.feedback == "auto":
             self.feedback = getattr(method, "default_feedback", "block")
         self.gptq = self.feedback != "none"
-        if self.feedback == "column" and not hasattr(method, "fit_block"):
-            raise ValueError(f"method {self.method!r} cannot assign single columns (its stored form is not per "
-                             f"column, e.g. HBLLM's Haar bands): use feedback block or none")
         if self.act_order is None:
             self.act_order = self.feedback == "column" and getattr(method, "default_act_order", False)
-        if self.act_order and self.feedback != "column":
-            raise ValueError("act_order needs column feedback (--feedback column)")
+        check_feedback(method, self.feedback, self.act_order)
 
     def _resolve_fallback(self) -> None:
         """Make ``fallback`` explicit: a method name, or None (no fixed block, or refused)."""

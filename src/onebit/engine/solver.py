@@ -65,6 +65,17 @@ def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6, where: str = 
 FEEDBACK = ("block", "column", "none")
 
 
+def check_feedback(method: Binarizer, feedback: str, act_order: bool) -> None:
+    """Refuse feedback settings the method cannot run (column feedback needs ``fit_block``)."""
+    if feedback not in FEEDBACK:
+        raise ValueError(f"feedback must be one of {FEEDBACK}, got {feedback!r}")
+    if feedback == "column" and not hasattr(method, "fit_block"):
+        raise ValueError(f"method {method.name!r} cannot assign single columns (its stored form is not per column, "
+                         f"e.g. HBLLM's Haar bands): use feedback block or none")
+    if act_order and feedback != "column":
+        raise ValueError("act_order needs column feedback (--feedback column)")
+
+
 def quantize_linear(
     weight: Tensor,
     hessian: Tensor,
@@ -88,12 +99,7 @@ def quantize_linear(
     are assigned in descending order of diag(H) in batches of ``blocksize``. The stored layout never changes:
     blocks stay contiguous column ranges in the original order.
     """
-    if feedback not in FEEDBACK:
-        raise ValueError(f"feedback must be one of {FEEDBACK}, got {feedback!r}")
-    if feedback == "column" and not hasattr(method, "fit_block"):
-        raise ValueError(f"method {method.name!r} cannot assign single columns: use feedback 'block' or 'none'")
-    if act_order and feedback != "column":
-        raise ValueError("act_order needs column feedback")
+    check_feedback(method, feedback, act_order)
     fixed = getattr(method, "block_size", None)
     if fixed is not None and (blocksize != fixed or weight.shape[1] % fixed):
         raise ValueError(f"method {method.name!r} stores blocks of {fixed} columns: it needs blocksize {fixed} and "
