@@ -8,7 +8,8 @@ from its last finished layer (`--resume`), so re-running the command after an in
 
     .venv/bin/python benchmarks/results.py arb        # issue #4: sign, braq, arb, arb-x+CGB, arb-rc+CGB
     .venv/bin/python benchmarks/results.py hbllm      # issue #5: braq, row/col-hbraq, each ± --share-mean
-    .venv/bin/python benchmarks/results.py dbell      # issue #6: W1A16/A8/A6 for braq, dbell+braq, dbell+BEST
+    .venv/bin/python benchmarks/results.py dbell      # issue #6: W1A16/A8/A6 for braq, DBellQuant (--recipe
+                                                      # dbellquant, the release), dbell+BEST
     .venv/bin/python benchmarks/results.py zeroshot   # issue #8: fp, braq, BEST on the seven tasks
     .venv/bin/python benchmarks/results.py frontier   # issue #17: seed methods and k-bit/ternary baselines,
                                                       # block and column feedback, ppl vs storage bpw
@@ -19,6 +20,7 @@ from its last finished layer (`--resume`), so re-running the command after an in
                                                       # (rotation, lean metadata, salient tiers, bit budget)
                                                       # alone and combined, beside the best seed method
     .venv/bin/python benchmarks/results.py beyond --dry-run   # list a set's commands without running them
+    .venv/bin/python benchmarks/results.py dbell --only dbellquant,dbellquant-a8   # just these rows of the set
 
 Every row uses the demo setting (16 × 1024 C4 calibration tokens; perplexity on the first 8 windows of
 2048 tokens of WikiText-2 and C4), so rows of different sets are comparable.
@@ -53,7 +55,7 @@ def rows(which: str, best: tuple[str, list[str]], limit: int, seeds: int = 3) ->
             for m in ("row-hbraq", "col-hbraq") for sm in (False, True)]
     if which == "dbell":
         out = []
-        for label, args in (("braq", ["--method", "braq"]), ("dbell+braq", ["--method", "braq", "--transform", "dbell"]),
+        for label, args in (("braq", ["--method", "braq"]), ("dbellquant", ["--recipe", "dbellquant"]),
                             (f"dbell+{best[0]}", [*best[1], "--transform", "dbell"])):
             out += [(label if a == 16 else f"{label}-a{a}", args + ([] if a == 16 else ["--act-bits", str(a)]))
                     for a in ACT_BITS]
@@ -244,17 +246,22 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("runs/results"))
     p.add_argument("--model", default="smollm2")
     p.add_argument("--dry-run", action="store_true", help="print each row's command and run nothing")
+    p.add_argument("--only", default="", help="comma-separated row names: run (and report) just those rows")
     a = p.parse_args()
     best: tuple[str, list[str]] = ("", [])
     if a.set in ("dbell", "zeroshot"):
         flags = shlex.split(a.best)
         best = best_method(a.runs) if a.best == "auto" else ("-".join(flags), ["--method", *flags])
-    todo = rows(a.set, best, a.limit, a.seeds)
+    todo = list(enumerate(rows(a.set, best, a.limit, a.seeds)))  # row 0 also evaluates fp, with --only too
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    if only - {name for _, (name, _) in todo}:
+        raise SystemExit(f"--only: no such row in {a.set}: {', '.join(sorted(only - {n for _, (n, _) in todo}))}")
+    todo = [(i, row) for i, row in todo if not only or row[0] in only]
     if a.dry_run:
-        for i, (name, args) in enumerate(todo):
+        for i, (name, args) in todo:
             print(f"{name}: {shlex.join(command(name, args, i == 0, a.model))} --out {a.runs / name} --resume")
         return
-    dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in enumerate(todo)]
+    dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in todo]
     if a.set == "gguf":
         summaries = [export_gguf(d) for d in dirs]
         table = gguf_table(dirs, summaries)

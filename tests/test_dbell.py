@@ -212,3 +212,32 @@ def test_resume_with_dbell_replays_the_same_model(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         torch.testing.assert_close(full(ids).logits, resumed(ids).logits, atol=0, rtol=0)
+
+
+def test_dbellquant_recipe_is_the_release_and_cli_refuses_what_it_sets(cli_setup):
+    """--recipe dbellquant = the release: braq with the order-1 column-count proxy, the L2 (p = 2) loss, the
+    dbell transform; options the recipe sets cannot be given again (exit 2, one message)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from onebit.cli import app
+    from onebit.recipes import recipe
+
+    cfg = QuantConfig(**recipe("dbellquant"))
+    assert (cfg.method, cfg.method_options, cfg.transform, cfg.ltdb_p) == ("braq", {"proxy_order": 1}, "dbell", 2.0)
+    assert cfg.build_method().proxy_order == 1 and QuantConfig().build_method().proxy_order == 2
+    path, data, root = cli_setup
+    runner = CliRunner()
+    base = ["quantize", str(path), "--calib", "wikitext2", "--nsamples", "2", "--seqlen", "32", "--eval", "",
+            "--data-dir", str(data), "--device", "cpu", "--ltdb-epochs", "3"]
+    res = runner.invoke(app, [*base, "--recipe", "dbellquant", "--salient-metric", "magnitude", "--out", str(root / "dq")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((root / "dq" / "report.json").read_text())
+    assert rep["name"] == "dbellquant" and rep["config"]["transform"] == "dbell" and rep["config"]["ltdb_p"] == 2.0
+    opts = rep["config"]["method_options"]
+    assert opts["proxy_order"] == 1 and opts["salient_metric"] == "magnitude"
+    for extra, msg in ((["--method", "arb"], "sets --method braq"), (["-m", "proxy_order=2"], "sets the method options"),
+                       (["--transform", "rotate"], "sets --transform")):
+        res = runner.invoke(app, [*base, "--recipe", "dbellquant", *extra])
+        assert res.exit_code == 2 and msg in res.output, res.output

@@ -277,7 +277,8 @@ def quantize(
     budget_candidates: str = typer.Option("lean", help="the budget's candidates: a set's name (`onebit recipes`) or a JSON "
                                                        "list of {\"method\": ..., \"options\": {...}}"),
     recipe: Optional[str] = typer.Option(None, help="a named configuration (`onebit recipes`): lean2 (≤ 2.0 storage bpw), "
-                                                    "lean15 (≤ 1.5); it sets the transform and the budget"),
+                                                    "lean15 (≤ 1.5), dbellquant (the DBellQuant release); what it "
+                                                    "sets cannot be given again"),
     name: Optional[str] = typer.Option(None, help="run name in tables (default: the method)"),
     tasks: str = typer.Option("", help="zero-shot lm-eval tasks after quantizing ('all' = the seven; needs onebit[eval])"),
     limit: Optional[int] = typer.Option(None, min=1, help="zero-shot: first N documents per task"),
@@ -307,13 +308,20 @@ def quantize(
                   act_scales=None if act_scales is None else str(act_scales), feedback=feedback, act_order=act_order,
                   rotate_seed=rotate_seed, rotate_heads=rotate_heads, rotate_down=rotate_down, fallback=fallback,
                   bpw_budget=bpw_budget, budget_candidates=_budget_candidates(budget_candidates))
-    fields.update(_recipe_fields(recipe, fields))
+    preset = _recipe_fields(recipe, fields)
+    rec_method, rec_options = preset.pop("method", None), preset.pop("method_options", {})
+    fields.update(preset)
     if fields["bpw_budget"] is not None and (method or method_option or any(v is not None for v in flags.values())):
         raise typer.BadParameter("with a bit budget the candidates name the methods and their options "
                                  "(--budget-candidates): drop --method and the method options")
-    method = method or "braq"
+    if rec_method is not None and method not in (None, rec_method):
+        raise typer.BadParameter(f"--recipe {recipe} sets --method {rec_method}: drop --method")
+    method = method or rec_method or "braq"
+    options = method_options_from_flags(method, flags, method_option)
+    if set(options) & set(rec_options):
+        raise typer.BadParameter(f"--recipe {recipe} sets the method options {', '.join(sorted(rec_options))}: drop them")
     try:
-        qcfg = QuantConfig(method, method_options_from_flags(method, flags, method_option), blocksize, percdamp, gptq,
+        qcfg = QuantConfig(method, {**rec_options, **options}, blocksize, percdamp, gptq,
                            true_sequential, _resolve_device(device), **fields)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -434,7 +442,7 @@ def _recipe_fields(name: str | None, fields: dict[str, Any]) -> dict[str, Any]:
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     defaults = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
-    given = [k for k in preset if fields.get(k, defaults[k]) != defaults[k]]
+    given = [k for k in preset if k in fields and fields[k] != defaults[k]]  # method, options: checked by the caller
     if given:
         raise typer.BadParameter(f"--recipe {name} sets {', '.join('--' + k.replace('_', '-') for k in given)}: drop them")
     return preset

@@ -1,5 +1,6 @@
 """Named configurations, in one place: budget candidate sets (``--budget-candidates NAME``) and recipes
-(``--recipe NAME``: QuantConfig fields). ``onebit recipes`` lists both; docs/budget.md says what backs each.
+(``--recipe NAME``: QuantConfig fields, ``method`` and ``method_options`` included). ``onebit recipes`` lists
+both; docs/budget.md and docs/dbellquant.md say what backs each.
 
 The candidate set ``lean`` spans lean's tier settings from plain 1-bit to three tiers on 60 % of the input
 channels (storage bpw at the default 128-column blocks and int8 parameters, 576-wide rows; docs/budget.md
@@ -27,6 +28,9 @@ CANDIDATES: dict[str, list[dict[str, Any]]] = {
 RECIPES: dict[str, dict[str, Any]] = {
     "lean2": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 2.0, "budget_candidates": "lean"},
     "lean15": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 1.5, "budget_candidates": "lean"},
+    # DBellQuant exactly as released (ZijianYY/DBellQuant @ 6bc3e86, docs/dbellquant.md "Parity"): the L2 loss
+    # and braq with the order-1 non-salient proxy in its column-count search (BiLLM's is order 2).
+    "dbellquant": {"method": "braq", "method_options": {"proxy_order": 1}, "transform": "dbell", "ltdb_p": 2.0},
 }
 
 

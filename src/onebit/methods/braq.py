@@ -48,13 +48,21 @@ def braq_decode(params: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
 @register("braq")
 @dataclass
 class Braq:
+    """``proxy_order``: order of the non-salient remainder in the column-count search's error proxy
+    (BiLLM 2; DBellQuant's release 1, its only change to the binarizer: ``--recipe dbellquant``)."""
+
     salient_metric: str = "hessian"
     up_lim: int = 50
+    proxy_order: int = 2
+
+    def __post_init__(self) -> None:
+        if self.proxy_order not in (1, 2):
+            raise ValueError(f"braq: proxy_order must be 1 or 2, got {self.proxy_order}")
 
     def masks(self, w: Tensor, ctx: BlockContext) -> tuple[Tensor, Tensor, Tensor]:
         """(concentrated, sparse, salient) boolean n × B masks that partition the block."""
         t = salient_metric(w, ctx.d, self.salient_metric)
-        cols = salient_columns(t, self.up_lim)
+        cols = salient_columns(t, self.up_lim, self.proxy_order)
         conc, sparse = split_threshold(t, cols)
         return conc, sparse, cols.unsqueeze(0).expand_as(w)
 
