@@ -137,12 +137,13 @@ def rotation_available() -> bool:
 def gguf_rows() -> list[tuple[str, list[str]]]:
     """braq first (fp eval, shared with the arb set; exported as the Q1_0 projection), each GGUF type with column
     (its default) and block feedback, with and without rotation (it changes tensors outside the linears: --save
-    keeps them for the export), then arb-rc + CGB (the frontier's, also projected)."""
+    keeps them for the export); arb-rc + CGB (the frontier's) is projected too."""
     rots = (False, True) if rotation_available() else (False,)
     typed = [(f"gguf-{t}{'+block' if fb == 'block' else ''}{'+rot' if rot else ''}",
               ["--method", t, "--feedback", fb, *(["--transform", "rotate", "--save"] if rot else [])])
              for rot in rots for t in GGUF_TYPES for fb in ("column", "block")]
-    return [("braq", ["--method", "braq"]), *typed, ("arb-rc+cgb", ARC)]
+    typed.sort(key=lambda row: row[0].endswith("+block+rot"))  # the least telling combination last
+    return [("braq", ["--method", "braq"]), ("arb-rc+cgb", ARC), *typed]
 
 
 def export_gguf(run_dir: Path) -> dict:
@@ -261,9 +262,12 @@ def main() -> None:
         for i, (name, args) in todo:
             print(f"{name}: {shlex.join(command(name, args, i == 0, a.model))} --out {a.runs / name} --resume")
         return
-    dirs = [run(name, args, a.runs, i == 0, a.model) for i, (name, args) in todo]
+    dirs, summaries = [], []
+    for i, (name, args) in todo:  # a gguf row is exported as soon as it is measured: a partial set is usable
+        dirs.append(run(name, args, a.runs, i == 0, a.model))
+        if a.set == "gguf":
+            summaries.append(export_gguf(dirs[-1]))
     if a.set == "gguf":
-        summaries = [export_gguf(d) for d in dirs]
         table = gguf_table(dirs, summaries)
         (a.runs / "gguf").mkdir(parents=True, exist_ok=True)
         (a.runs / "gguf" / "gguf.md").write_text(table + "\n")
