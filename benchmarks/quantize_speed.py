@@ -1,12 +1,23 @@
-"""Seconds per linear for braq on a 4096×4096 layer with a random SPD Hessian, the searches' share of it,
-and the same searches written as a per-candidate loop (the reference's structure) for comparison.
+"""Quantization speed, two views.
+
+Default: seconds per linear for braq on a 4096×4096 layer with a random SPD Hessian, the searches' share of
+it, and the same searches written as a per-candidate loop (the reference's structure) for comparison.
 
     .venv/bin/python benchmarks/quantize_speed.py [--n 4096] [--m 4096] [--blocks 4] [--device cpu]
+
+``--whole-run``: a whole ``quantize`` + evaluation of the embedded model (demo setting: 16 × 1024 C4
+calibration tokens; WikiText-2 perplexity on ``--eval-windows`` windows of 2048), once per thread count,
+with the exclusive seconds of every stage (``onebit.timing``: calibration forward passes, Hessian
+accumulation, Cholesky, searches, refinement, error feedback, the rest of the fits, layer replay, transform,
+evaluation), so a change shows where the time went. Run it on a quiet machine, before and after a change.
+
+    .venv/bin/python benchmarks/quantize_speed.py --whole-run --method arb-rc --cgb --threads 1,2 [--layers 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -39,13 +50,73 @@ def loop_searches(t: torch.Tensor) -> None:
             best = err
 
 
+STAGES = ("transform", "calibration forward", "hessian accumulation", "cholesky", "searches", "refinement", "fit",
+          "error feedback", "layer replay", "evaluation")
+
+
+def whole_run(a: argparse.Namespace) -> None:
+    """One quantize + evaluation per thread count; a table of stage seconds side by side."""
+    from onebit import QuantConfig, quantize
+    from onebit.data.corpora import calibration_samples, eval_ids
+    from onebit.eval.ppl import perplexity
+    from onebit.models.loading import load_model
+    from onebit.timing import record
+
+    opts = {k.replace("-", "_"): json.loads(v) if v[:1] in "[{0123456789-tf" else v
+            for k, v in (o.split("=", 1) for o in a.method_option)}
+    if a.cgb:
+        opts["cgb"] = True
+    cfg = QuantConfig(method=a.method, method_options=opts, transform=a.transform)
+    columns: list[tuple[int, dict[str, float], float, float]] = []
+    for threads in (int(t) for t in a.threads.split(",")):
+        torch.set_num_threads(threads)
+        model, tok, _ = load_model(a.model)
+        if a.layers:
+            model.model.layers = model.model.layers[: a.layers]
+            model.config.num_hidden_layers = a.layers
+        calib, _ = calibration_samples("c4", tok, 16, 1024, 0, a.data_dir)
+        ids = eval_ids("wikitext2", tok, a.data_dir, 2048)
+        with record() as secs:
+            t0 = time.perf_counter()
+            quantize(model, cfg, calib)
+            ppl = perplexity(model, ids, 2048, "cpu", a.eval_windows)
+            wall = time.perf_counter() - t0
+        columns.append((threads, dict(secs), wall, ppl))
+    names = [s for s in STAGES if any(s in c[1] for c in columns)] + sorted({k for c in columns for k in c[1]} - set(STAGES))
+    print(f"{a.method} {json.dumps(opts)} transform={a.transform}, {a.model}"
+          f"{f' (first {a.layers} layers)' if a.layers else ''}, torch {torch.__version__}")
+    print("| stage | " + " | ".join(f"{t} thread{'s' * (t > 1)}: s | share" for t, *_ in columns) + " |")
+    print("|---|" + "---|---|" * len(columns))
+    for n in names + ["other (untimed)"]:
+        cells = []
+        for _, secs, wall, _ in columns:
+            v = secs.get(n, 0.0) if n in secs or n != "other (untimed)" else wall - sum(secs.values())
+            cells += [f"{v:.1f}", f"{v / wall:.0%}"]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    print("| **whole run** | " + " | ".join(f"**{wall:.1f}** | 100%" for _, _, wall, _ in columns) + " |")
+    print("WikiText-2 ppl (" + str(a.eval_windows) + " windows): " + ", ".join(f"{t} thr {p:.2f}" for t, _, _, p in columns))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--m", type=int, default=4096)
     ap.add_argument("--blocks", type=int, default=4, help="blocks timed for the per-candidate loop (it is slow)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--whole-run", action="store_true", help="time a whole quantize + evaluation by stage")
+    ap.add_argument("--method", default="braq")
+    ap.add_argument("--method-option", "-m", action="append", default=[], help="key=value (whole run)")
+    ap.add_argument("--cgb", action="store_true")
+    ap.add_argument("--transform", default="none")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (whole run)")
+    ap.add_argument("--layers", type=int, default=0, help="only the first N decoder layers (0 = all)")
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data-dir", default=None)
     a = ap.parse_args()
+    if a.whole_run:
+        whole_run(a)
+        return
     dev = torch.device(a.device)
     torch.manual_seed(0)
     w = torch.randn(a.n, a.m, device=dev) * 0.02

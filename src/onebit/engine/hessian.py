@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..timing import timed
+
 
 class HessianAccumulator:
     """Accumulates Σ x xᵀ over the inputs of one linear; N counts sequences (as the references).
@@ -20,6 +22,7 @@ class HessianAccumulator:
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.nsamples = 0
 
+    @timed("hessian accumulation")
     def add_batch(self, x: Tensor, token_mask: Tensor | None = None) -> None:
         batch = x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float32)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..methods.base import Bits
 from ..models.base import ArchAdapter
 from ..progress import track
+from ..timing import stage
 from .capture import ActivationBuffers, capture_inputs, run_layer
 from .checkpoint import LayerCheckpoint, set_weights
 from .distributed import all_reduce_, broadcast_object, is_main, rank_world
@@ -105,7 +106,8 @@ def _collect_hessians(
         lin = linears[names[0]]
         hooks.append(lin.register_forward_pre_hook(acc.pre_hook, prepend=True) if raw_inputs else lin.register_forward_hook(acc.hook))
     try:
-        run_layer(layer, inputs, call, device, out=out, description=desc)
+        with stage("calibration forward"):
+            run_layer(layer, inputs, call, device, out=out, description=desc)
     finally:
         for h in hooks:
             h.remove()
@@ -130,8 +132,9 @@ def _solve_group(
         if pos % world == rank:
             t1 = time.perf_counter()
             p = cands[name][k]
-            res = quantize_linear(linears[name].weight, accs[name].hessian, p.build(), p.block_size, opts.percdamp,
-                                  opts.feedback, opts.act_order, name=f"layer {idx} {name}")
+            with stage("fit"):
+                res = quantize_linear(linears[name].weight, accs[name].hessian, p.build(), p.block_size, opts.percdamp,
+                                      opts.feedback, opts.act_order, name=f"layer {idx} {name}")
             mine[(name, k)] = (res, time.perf_counter() - t1)
         if k == len(cands[name]) - 1:
             del accs[name]
@@ -183,7 +186,8 @@ def quantize_model_layers(
     if checkpoint is not None:
         checkpoint.bind(plan)
     store.materialize(adapter.pre_modules)
-    inps, calls = capture_inputs(model, adapter, samples, opts.device, alloc=buffers)
+    with stage("calibration forward"):
+        inps, calls = capture_inputs(model, adapter, samples, opts.device, alloc=buffers)
     store.dematerialize(adapter.pre_modules)
     fp_out, q_out = buffers.like("fp_out", inps), buffers.like("q_out", inps)
     records: list[LayerRecord] = []
@@ -197,7 +201,8 @@ def quantize_model_layers(
             record = LayerRecord.from_dict(saved[1])
             results = {n: LinearResult.from_saved(saved[0][n], checkpoint.blocks(idx, n), r) for n, r in zip(linears, record.linears)}
             plan.observe(record.linears)
-            run_layer(layer, inps, calls[idx], opts.device, out=q_out, description=f"layer {idx}: replay (resumed)")
+            with stage("layer replay"):
+                run_layer(layer, inps, calls[idx], opts.device, out=q_out, description=f"layer {idx}: replay (resumed)")
         else:
             resume = False  # every later layer depends on this one: recompute them all
             steps = [list(g.linears) for g in adapter.groups] if opts.true_sequential else [list(linears)]
@@ -211,8 +216,9 @@ def quantize_model_layers(
                 res_g, recs_g = _solve_group(group, linears, accs, plan, opts, idx)
                 results.update(res_g)
                 recs += recs_g
-            run_layer(layer, inps, calls[idx], opts.device, out=q_out, description=f"layer {idx}: replay")
-            num = all_reduce_(torch.tensor([float((q_out - fp_out).double().square().sum()), float(fp_out.double().square().sum())]))
+            with stage("layer replay"):
+                run_layer(layer, inps, calls[idx], opts.device, out=q_out, description=f"layer {idx}: replay")
+                num = all_reduce_(torch.tensor([float((q_out - fp_out).double().square().sum()), float(fp_out.double().square().sum())]))
             record = LayerRecord(idx, recs, float(num[0] / num[1].clamp_min(1e-30)), time.perf_counter() - t0)
             if checkpoint is not None and is_main():
                 checkpoint.save(idx, {n: l.weight for n, l in linears.items()}, {n: r.blocks for n, r in results.items()}, record.to_dict())

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..errors import NumericalError
 from ..methods.base import Binarizer, BlockContext, Bits
+from ..timing import stage, timed
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class LinearResult:
         return cls(q, blocks, record.bits, record.loss, record.rel_err, record.percdamp, dict(record.stats))
 
 
+@timed("cholesky")
 def inverse_factor(h: Tensor, percdamp: float, max_tries: int = 6, where: str = "linear") -> tuple[Tensor, float]:
     """U upper-triangular with H_damped⁻¹ = Uᵀ U. On Cholesky failure, damping grows ×10 and is logged.
     A Hessian with NaN/Inf (from non-finite inputs) fails at once; ``where`` names the linear in errors."""
@@ -148,7 +150,8 @@ def _block_feedback(
         err[:, s:e] = (w[:, s:e] - res.q) / c.d
         q[:, s:e] = res.q
         if compensate and e < m:
-            w[:, e:] -= err[:, s:e] @ u[s:e, e:]
+            with stage("error feedback"):
+                w[:, e:] -= err[:, s:e] @ u[s:e, e:]
         results.append(res)
     return q, err, results
 
@@ -170,15 +173,16 @@ def _column_feedback(
         if perm is None:
             fits.append(method.fit_block(wp[:, s:e], ctx[s // blocksize]))
         ub = u[s:e, s:e]
-        for p in range(s, e):
-            c = cols[p]
-            x = wp[:, p]
-            qc = fits[c // blocksize].assign(c % blocksize, x)
-            ec = (x - qc) / ub[p - s, p - s]
-            wp[:, p + 1 : e] -= ec[:, None] * ub[p - s, p - s + 1 :][None]
-            q[:, c], err[:, p] = qc, ec
-        if e < m:
-            wp[:, e:] -= err[:, s:e] @ u[s:e, e:]
+        with stage("error feedback"):  # the column loop: each column's level assignment and its error pushed on
+            for p in range(s, e):
+                c = cols[p]
+                x = wp[:, p]
+                qc = fits[c // blocksize].assign(c % blocksize, x)
+                ec = (x - qc) / ub[p - s, p - s]
+                wp[:, p + 1 : e] -= ec[:, None] * ub[p - s, p - s + 1 :][None]
+                q[:, c], err[:, p] = qc, ec
+            if e < m:
+                wp[:, e:] -= err[:, s:e] @ u[s:e, e:]
     results = [f.result() for f in fits]
     for c, r in zip(ctx, results):  # the decoder must reproduce exactly what was fed back
         s = c.start

@@ -18,6 +18,7 @@ from ..engine.store import StreamedModel, layer_store
 from ..errors import InputError
 from ..models.base import find_module, get_module
 from ..progress import track
+from ..timing import timed
 
 
 def windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
@@ -32,6 +33,7 @@ def windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
 
 
 @torch.no_grad()
+@timed("evaluation")
 def perplexity(
     model: nn.Module | StreamedModel,
     ids: Tensor,

@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..timing import timed
 from .base import PARAM_BITS, BlockContext, BlockResult, Bits, LevelFit, bits_to_signs, register, sign_plane_fit, signs_to_bits
 from .binarize import binary_sign, decode_group, fit_group, residual_fit
 from .braq import braq_bits
@@ -106,6 +107,7 @@ def sign_step(w: Tensor, mask: Tensor, f: GroupState) -> None:
     f.signs = table[idx].movedim(-1, 0).contiguous()
 
 
+@timed("refinement")
 def arb_fit(w: Tensor, mask: Tensor, order: int, iters: int) -> GroupState:
     f = arb_init(w, mask, order)
     for _ in range(iters):
@@ -132,6 +134,7 @@ def x_scale_step(w: Tensor, mask: Tensor, f: GroupState, s: Tensor) -> None:
         f.alpha[k] = _ratio(_rowsum((target @ s) * bk), _rowsum((bk @ s) * bk), f.alpha[k])
 
 
+@timed("refinement")
 def arb_x_fit(w: Tensor, mask: Tensor, order: int, iters: int, iters_x: int, s: Tensor) -> GroupState:
     f = arb_fit(w, mask, order, iters)
     for _ in range(iters_x):
@@ -171,6 +174,7 @@ def rc_pair_step(w: Tensor, mask: Tensor, f: GroupState, k: int) -> None:
     f.col[k] = _ratio((v * target).sum(0, keepdim=True), (v * v).sum(0, keepdim=True), f.col[k])
 
 
+@timed("refinement")
 def rc_fit(w: Tensor, mask: Tensor, order: int, iters: int) -> GroupState:
     f = rc_init(w, mask, order)
     for _ in range(iters):

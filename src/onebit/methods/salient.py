@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..timing import timed
 from .binarize import SortedRows, chunk_size, residual_error
 
 SALIENT_METRICS = ("hessian", "magnitude")
@@ -31,6 +32,7 @@ def _batched_min(errs: list[Tensor]) -> int:
     return int(torch.argmin(torch.cat(errs)).item())  # first minimum, as the reference
 
 
+@timed("searches")
 def salient_columns(t: Tensor, up_lim: int = 50, order: int = 2, score: str = "l1") -> Tensor:
     """Structural search (BiLLM §4): the k* best columns of T, k ∈ 1 … min(up_lim, B) − 1, ranked by the
     column ``score`` "l1" (Σ_i |T_ij|, BiLLM) or "l2" (‖T_:j‖₂, HBLLM).
@@ -60,6 +62,7 @@ def salient_columns(t: Tensor, up_lim: int = 50, order: int = 2, score: str = "l
     return rank < k
 
 
+@timed("searches")
 def split_threshold(t: Tensor, salient: Tensor) -> tuple[Tensor, Tensor]:
     """Bell-shaped split search (BiLLM §5) on T outside the salient columns.
 
@@ -94,6 +97,7 @@ def split_quantiles(mag: Tensor, nonzero: bool = False) -> Tensor:
 SplitError = Callable[[Tensor, Tensor], Tensor]
 
 
+@timed("searches")
 def split_search(
     t: Tensor, free: Tensor, order: int = 1, nonzero: bool = False, error: SplitError | None = None
 ) -> tuple[Tensor, Tensor]:

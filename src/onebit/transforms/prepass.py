@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..engine.actquant import install_act_quant
 from ..models.base import ArchAdapter
+from ..timing import timed
 from .act_scales import compute_act_scales, load_act_scales
 from .dbell import LTDBOptions, apply_dbell
 from .rotate import RotateOptions, apply_rotation
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("onebit")
 
 
+@timed("transform")
 def apply_prepass(
     model: nn.Module, adapter: ArchAdapter, config: QuantConfig, calib_data: Tensor
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
