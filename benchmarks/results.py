@@ -116,6 +116,8 @@ BEYOND = [  # docs/budget.md: the recipes first (the first row also evaluates fp
     ("lean-2.0", LEAN2),
     ("rotate-heads+lean", ["--method", "lean", *ROT]),
     ("rotate-heads+lean-2.0", [*LEAN2, *ROT]),
+    ("rotate-heads-down+lean", ["--method", "lean", *ROT, "--rotate-down"]),  # + online Hadamard on down_proj's input
+    ("rotate-heads+budget1.5", [*ROT, "--bpw-budget", "1.5"]),  # lean15's first form: all seven lean candidates
     ("budget1.5", ["--bpw-budget", "1.5"]),  # the bit budget alone (lean candidates)
     ("budget2", ["--bpw-budget", "2.0"]),
 ]

@@ -125,10 +125,10 @@ def test_config_checks_and_round_trip():
 
 
 def test_recipes_expand_to_their_documented_config():
-    for name, bound in (("lean2", 2.0), ("lean15", 1.5)):
+    for name, bound, cands in (("lean2", 2.0, "lean"), ("lean15", 1.5, "lean15")):
         cfg = QuantConfig(**recipe(name))
         assert cfg.bpw_budget == bound and cfg.transform == "rotate" and cfg.rotate_heads and not cfg.rotate_down
-        assert cfg.budget_candidates == candidate_set("lean") and cfg.method == "lean" and cfg.feedback == "column"
+        assert cfg.budget_candidates == candidate_set(cands) and cfg.method == "lean" and cfg.feedback == "column"
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("lean1")
 

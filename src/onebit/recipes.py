@@ -21,13 +21,18 @@ CANDIDATES: dict[str, list[dict[str, Any]]] = {
         {"method": "lean", "options": {"salient_frac": [0.05, 0.15, 0.4], "salient_bits": [4, 3, 2]}},     # ≈ 1.93
         {"method": "lean", "options": {"salient_frac": [0.1, 0.3, 0.6], "salient_bits": [4, 3, 2]}},       # ≈ 2.58
     ],
+    # lean15's: lean's default tiers everywhere the bound allows (≈ 1.49 at 576 rows), plain 1-bit otherwise.
+    # On SmolLM2 the per-layer choice among all seven tier settings did worse at 1.5 bpw (README, "beyond").
+    "lean15": [
+        {"method": "lean", "options": {"salient_frac": 0}},
+        {"method": "lean", "options": {"salient_frac": [0.02, 0.35], "salient_bits": [4, 2]}},
+    ],
 }
 
-# Not yet validated by full-model perplexity (benchmarks/results.py beyond runs them): chosen from the
-# layer-level measurements in docs/lean.md and docs/budget.md.
+# Measured on the embedded model by benchmarks/results.py beyond (README "Beyond the seed methods").
 RECIPES: dict[str, dict[str, Any]] = {
     "lean2": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 2.0, "budget_candidates": "lean"},
-    "lean15": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 1.5, "budget_candidates": "lean"},
+    "lean15": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 1.5, "budget_candidates": "lean15"},
     # DBellQuant exactly as released (ZijianYY/DBellQuant @ 6bc3e86, docs/dbellquant.md "Parity"): the L2 loss
     # and braq with the order-1 non-salient proxy in its column-count search (BiLLM's is order 2).
     "dbellquant": {"method": "braq", "method_options": {"proxy_order": 1}, "transform": "dbell", "ltdb_p": 2.0},
