@@ -27,7 +27,7 @@ def test_quantize_writes_report_and_fake_quant_model(cli_setup):
     for key in ("method", "config", "ppl", "ppl_fp", "paper_bpw", "storage_bpw", "seconds", "layers", "versions"):
         assert key in rep
     assert set(rep["ppl"]) == {"wikitext2", "ptb"} and rep["calibration"]["source"] == "wikitext2:valid"
-    assert rep["config"]["method_options"] == {"salient_metric": "hessian", "up_lim": 50}
+    assert rep["config"]["method_options"] == {"salient_metric": "hessian", "up_lim": 50, "proxy_order": 2}
     assert 1 < rep["paper_bpw"] < 1.5 < rep["storage_bpw"]
     assert len(rep["layers"]) == 2 and all("out_rel_err" in l for l in rep["layers"])
     from transformers import AutoModelForCausalLM
@@ -60,7 +60,7 @@ def test_unsupported_architecture_names_the_supported_families():
 def test_config_round_trip():
     cfg = QuantConfig(method="braq", method_options={"salient_metric": "magnitude"}, blocksize=64)
     d = json.loads(json.dumps(cfg.to_dict()))
-    assert QuantConfig.from_dict(d) == QuantConfig(method="braq", method_options={"salient_metric": "magnitude", "up_lim": 50}, blocksize=64)
+    assert QuantConfig.from_dict(d) == QuantConfig(method="braq", method_options={"salient_metric": "magnitude", "up_lim": 50, "proxy_order": 2}, blocksize=64)
     with pytest.raises(ValueError, match="does not take"):
         QuantConfig(method="sign", method_options={"iters": 3})
 

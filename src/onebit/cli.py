@@ -317,10 +317,10 @@ def quantize(
     if rec_method is not None and method not in (None, rec_method):
         raise typer.BadParameter(f"--recipe {recipe} sets --method {rec_method}: drop --method")
     method = method or rec_method or "braq"
-    options = method_options_from_flags(method, flags, method_option)
-    if set(options) & set(rec_options):
-        raise typer.BadParameter(f"--recipe {recipe} sets the method options {', '.join(sorted(rec_options))}: drop them")
     try:
+        options = method_options_from_flags(method, flags, method_option)
+        if set(options) & set(rec_options):
+            raise ValueError(f"--recipe {recipe} sets the method options {', '.join(sorted(rec_options))}: drop them")
         qcfg = QuantConfig(method, {**rec_options, **options}, blocksize, percdamp, gptq,
                            true_sequential, _resolve_device(device), **fields)
     except ValueError as e:
