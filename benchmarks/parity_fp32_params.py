@@ -31,4 +31,4 @@ def _fp32_block(self: Braq, w, ctx) -> BlockResult:
 if __name__ == "__main__":
     Braq.quantize_block = _fp32_block
     sys.argv = [PARITY, *sys.argv[1:]]
-    runpy.run_path(os.environ.get("ONEBIT_PARITY_SIDE", PARITY), run_name="__main__")
+    runpy.run_path(PARITY, run_name="__main__")

@@ -57,15 +57,13 @@ STAGES = ("transform", "calibration forward", "hessian accumulation", "cholesky"
 def whole_run(a: argparse.Namespace) -> None:
     """One quantize + evaluation per thread count; a table of stage seconds side by side."""
     from onebit import QuantConfig, quantize
+    from onebit.cli import method_options_from_flags
     from onebit.data.corpora import calibration_samples, eval_ids
     from onebit.eval.ppl import perplexity
     from onebit.models.loading import load_model
     from onebit.timing import record
 
-    opts = {k.replace("-", "_"): json.loads(v) if v[:1] in "[{0123456789-tf" else v
-            for k, v in (o.split("=", 1) for o in a.method_option)}
-    if a.cgb:
-        opts["cgb"] = True
+    opts = method_options_from_flags(a.method, {"cgb": True if a.cgb else None}, a.method_option)  # as the CLI reads them
     cfg = QuantConfig(method=a.method, method_options=opts, transform=a.transform)
     columns: list[tuple[int, dict[str, float], float, float]] = []
     for threads in (int(t) for t in a.threads.split(",")):
@@ -87,11 +85,10 @@ def whole_run(a: argparse.Namespace) -> None:
           f"{f' (first {a.layers} layers)' if a.layers else ''}, torch {torch.__version__}")
     print("| stage | " + " | ".join(f"{t} thread{'s' * (t > 1)}: s | share" for t, *_ in columns) + " |")
     print("|---|" + "---|---|" * len(columns))
-    for n in names + ["other (untimed)"]:
-        cells = []
-        for _, secs, wall, _ in columns:
-            v = secs.get(n, 0.0) if n in secs or n != "other (untimed)" else wall - sum(secs.values())
-            cells += [f"{v:.1f}", f"{v / wall:.0%}"]
+    rows = [(n, [secs.get(n, 0.0) for _, secs, _, _ in columns]) for n in names]
+    rows.append(("other (untimed)", [wall - sum(secs.values()) for _, secs, wall, _ in columns]))
+    for n, values in rows:
+        cells = [f"{v:.1f} | {v / c[2]:.0%}" for v, c in zip(values, columns)]
         print(f"| {n} | " + " | ".join(cells) + " |")
     print("| **whole run** | " + " | ".join(f"**{wall:.1f}** | 100%" for _, _, wall, _ in columns) + " |")
     print("WikiText-2 ppl (" + str(a.eval_windows) + " windows): " + ", ".join(f"{t} thr {p:.2f}" for t, _, _, p in columns))
