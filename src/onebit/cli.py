@@ -384,10 +384,10 @@ def quantize(
             report["budget"] = res.budget
             console.print(f"bit budget {res.budget['bpw_budget']:g}: {res.budget['storage_bpw']:.4f} storage bpw "
                           f"(floor {res.budget['floor_bpw']:.4f})")
-        report["ppl"] = evaluate_ppl(model, sets, eval_seqlen, qcfg.device, eval_windows, method)
+        report["ppl"] = evaluate_ppl(model, sets, eval_seqlen, qcfg.device, eval_windows, qcfg.method)
         if zs_tasks:
             report["zeroshot"] = evaluate_zeroshot(model, tok, zs_tasks, qcfg.device, data_dir, limit, task_data,
-                                                   batch_size, method)
+                                                   batch_size, qcfg.method)
     report["wall_seconds"] = time.perf_counter() - t_start
     if out is not None:
         write_json(out / "report.json", report)
