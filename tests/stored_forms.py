@@ -23,6 +23,7 @@ CASES = {
     "row-hbraq": dict(method="row-hbraq"),
     "col-hbraq": dict(method="col-hbraq", method_options={"share_mean": True}),
     "dbell+braq": dict(method="braq", transform="dbell", ltdb_epochs=5),
+    "braq-proxy1": dict(method="braq", method_options={"proxy_order": 1}),  # DBellQuant's column-count proxy
 }
 
 

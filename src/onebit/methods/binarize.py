@@ -11,6 +11,7 @@ Signs are binary (b ∈ {−1, +1}, sign(0) = +1): a stored sign plane has no ze
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,42 @@ def residual_fit(x: Tensor, mask: Tensor, order: int) -> Tensor:
         alpha = (dev.abs() * m).sum(-1, keepdim=True) / cnt
         d = (dev - alpha * binary_sign(dev)) * m
     return d
+
+
+Below = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def residual_error_closed(cnt: Tensor, s1: Tensor, s2: Tensor, below: Below, order: int) -> Tensor:
+    """``residual_error`` of sets of values from their statistics, for order 1 or 2 (float64, any shape).
+
+    A set has ``cnt`` values summing to ``s1`` with squares summing to ``s2``; ``below(θ)`` gives the count and
+    sum of its values < θ (θ of the sets' shape). Order 1 leaves Σ(x−μ)² − (Σ|x−μ|)²/cnt. The second pass
+    sees x − μ − α above μ (sign +1, x = μ included) and x − μ + α below, shifted by μ₂ = (Σ(x−μ) − α(P−Q))/cnt
+    (P, Q: values ≥ μ and < μ), so its absolute deviations are range sums about θ_U = μ + α + μ₂ on the upper
+    values and θ_L = μ − α + μ₂ on the lower ones: three ``below`` queries in all.
+    """
+    cc = cnt.clamp_min(1)
+    mu = s1 / cc
+    dev = s1 - cnt * mu  # Σ(x − μ), zero up to rounding
+    ss = s2 - s1 * mu  # Σ(x − μ)²
+    c_mu, s_mu = below(mu)
+    sad = dev - 2 * (s_mu - mu * c_mu)  # Σ|x − μ|
+    alpha = sad / cc
+    if order == 1:
+        err = ss - alpha * sad
+    elif order == 2:
+        mu2 = (dev - alpha * (cnt - 2 * c_mu)) / cc
+        ss2 = ss - 2 * alpha * sad + cnt * alpha.square() - cnt * mu2.square()  # Σ(d₂ − μ₂)²
+        up_t, lo_t = torch.maximum(mu + alpha + mu2, mu), torch.minimum(mu - alpha + mu2, mu)
+        c_up, s_up = below(up_t)
+        c_lo, s_lo = below(lo_t)
+        upper = (s1 - s_mu) - up_t * (cnt - c_mu) - 2 * ((s_up - s_mu) - up_t * (c_up - c_mu))
+        lower = (s_mu - lo_t * c_mu) - 2 * (s_lo - lo_t * c_lo)
+        sad2 = upper + lower
+        err = ss2 - sad2.square() / cc
+    else:
+        raise ValueError(f"closed-form residual error has orders 1 and 2, got {order}")
+    return torch.where(cnt > 0, err, torch.zeros_like(err))
 
 
 def residual_error(x: Tensor, mask: Tensor, order: int) -> Tensor:
@@ -159,3 +196,33 @@ class SortedRows:
         ss = ss.clamp_min(0)
         err = 2 * ss - 2 * (ss / cnt.clamp_min(1)).sqrt() * sad
         return torch.where(cnt > 0, err, torch.zeros_like(err))
+
+
+class PrefixSets:
+    """The sets ``values[:, :k]`` (each row's first k values, k = 1 … L), with O(log L) counts and sums below
+    a threshold: each row sorted once; ``select(ks)`` builds the cumulative membership tables of some k over
+    the sorted positions ((L + 1) × K × n, position-major so the running sums are whole-slab additions)."""
+
+    def __init__(self, values: Tensor) -> None:
+        x = values.double()
+        self.xs, self.pos = x.sort(-1)
+        ks = torch.arange(1, x.shape[1] + 1, device=x.device)
+        # (count, sum, sum of squares) of every set (L × n)
+        self.all_totals = (ks.double().view(-1, 1).expand(-1, x.shape[0]), x.cumsum(-1).T, x.square().cumsum(-1).T)
+        self.ks = ks
+
+    def select(self, ks: Tensor) -> "PrefixSets":
+        """The sets k ∈ ``ks`` only, with their tables: ``totals`` and ``below`` then refer to them."""
+        out = object.__new__(PrefixSets)
+        out.xs, out.pos, out.ks = self.xs, self.pos, ks
+        out.totals = tuple(t[ks - 1] for t in self.all_totals)
+        member = (self.pos.T.unsqueeze(1) < ks.view(1, -1, 1)).double()  # (L, K, n): sorted entry in set k
+        zero = torch.zeros_like(member[:1])
+        out.cnt = torch.cat([zero, member.cumsum(0)])
+        out.s1 = torch.cat([zero, (member * self.xs.T.unsqueeze(1)).cumsum(0)])
+        return out
+
+    def below(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """(count, sum) of set k's values < θ in each row, for the selected sets; θ is (K × n)."""
+        i = torch.searchsorted(self.xs, theta.T.contiguous()).T.unsqueeze(0)  # (1, K, n)
+        return self.cnt.gather(0, i).squeeze(0), self.s1.gather(0, i).squeeze(0)
