@@ -12,13 +12,20 @@ accumulation, Cholesky, searches, refinement, error feedback, the rest of the fi
 evaluation), so a change shows where the time went. Run it on a quiet machine, before and after a change.
 
     .venv/bin/python benchmarks/quantize_speed.py --whole-run --method arb-rc --cgb --threads 1,2 [--layers 4]
+
+``--compare-direct``: each thread count twice in the same process, first with every search candidate evaluated
+directly (the searches before issue #16), then as onebit runs; prints the speed-up and whether the stored forms
+(sha256 over every block tensor) are identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -54,44 +61,70 @@ STAGES = ("transform", "calibration forward", "hessian accumulation", "cholesky"
           "error feedback", "layer replay", "evaluation")
 
 
+def stored_hash(digest: "hashlib._Hash") -> Callable[..., None]:
+    """An ``on_layer`` callback feeding every stored block tensor (name, dtype, shape, bytes) to ``digest``."""
+
+    def on_layer(idx, layer, record, results) -> None:
+        for name, res in results.items():
+            for b, block in enumerate(res.blocks):
+                for key, t in block.items():
+                    t = t.detach().contiguous().cpu()
+                    digest.update(f"{idx}.{name}.{b}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+                    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    return on_layer
+
+
 def whole_run(a: argparse.Namespace) -> None:
-    """One quantize + evaluation per thread count; a table of stage seconds side by side."""
+    """One quantize + evaluation per thread count (and search variant); a table of stage seconds side by side."""
     from onebit import QuantConfig, quantize
     from onebit.cli import method_options_from_flags
     from onebit.data.corpora import calibration_samples, eval_ids
     from onebit.eval.ppl import perplexity
+    from onebit.methods.salient import direct_searches
     from onebit.models.loading import load_model
     from onebit.timing import record
 
     opts = method_options_from_flags(a.method, {"cgb": True if a.cgb else None}, a.method_option)  # as the CLI reads them
     cfg = QuantConfig(method=a.method, method_options=opts, transform=a.transform)
-    columns: list[tuple[int, dict[str, float], float, float]] = []
+    columns: list[tuple[str, dict[str, float], float, float, str]] = []
+    variants = ("direct", "onebit") if a.compare_direct else ("onebit",)
     for threads in (int(t) for t in a.threads.split(",")):
         torch.set_num_threads(threads)
-        model, tok, _ = load_model(a.model)
-        if a.layers:
-            model.model.layers = model.model.layers[: a.layers]
-            model.config.num_hidden_layers = a.layers
-        calib, _ = calibration_samples("c4", tok, 16, 1024, 0, a.data_dir)
-        ids = eval_ids("wikitext2", tok, a.data_dir, 2048)
-        with record() as secs:
-            t0 = time.perf_counter()
-            quantize(model, cfg, calib)
-            ppl = perplexity(model, ids, 2048, "cpu", a.eval_windows)
-            wall = time.perf_counter() - t0
-        columns.append((threads, dict(secs), wall, ppl))
+        for variant in variants:
+            model, tok, _ = load_model(a.model)
+            if a.layers:
+                model.model.layers = model.model.layers[: a.layers]
+                model.config.num_hidden_layers = a.layers
+            calib, _ = calibration_samples("c4", tok, 16, 1024, 0, a.data_dir)
+            ids = eval_ids("wikitext2", tok, a.data_dir, 2048)
+            digest = hashlib.sha256()
+            with record() as secs, (direct_searches() if variant == "direct" else contextlib.nullcontext()):
+                t0 = time.perf_counter()
+                quantize(model, cfg, calib, on_layer=stored_hash(digest))
+                ppl = perplexity(model, ids, 2048, "cpu", a.eval_windows)
+                wall = time.perf_counter() - t0
+            label = f"{threads} thread{'s' * (threads > 1)}" + (f", {variant}" if a.compare_direct else "")
+            columns.append((label, dict(secs), wall, ppl, digest.hexdigest()))
     names = [s for s in STAGES if any(s in c[1] for c in columns)] + sorted({k for c in columns for k in c[1]} - set(STAGES))
     print(f"{a.method} {json.dumps(opts)} transform={a.transform}, {a.model}"
           f"{f' (first {a.layers} layers)' if a.layers else ''}, torch {torch.__version__}")
-    print("| stage | " + " | ".join(f"{t} thread{'s' * (t > 1)}: s | share" for t, *_ in columns) + " |")
+    print("| stage | " + " | ".join(f"{label}: s | share" for label, *_ in columns) + " |")
     print("|---|" + "---|---|" * len(columns))
-    rows = [(n, [secs.get(n, 0.0) for _, secs, _, _ in columns]) for n in names]
-    rows.append(("other (untimed)", [wall - sum(secs.values()) for _, secs, wall, _ in columns]))
+    rows = [(n, [secs.get(n, 0.0) for _, secs, *_ in columns]) for n in names]
+    rows.append(("other (untimed)", [wall - sum(secs.values()) for _, secs, wall, *_ in columns]))
     for n, values in rows:
         cells = [f"{v:.1f} | {v / c[2]:.0%}" for v, c in zip(values, columns)]
         print(f"| {n} | " + " | ".join(cells) + " |")
-    print("| **whole run** | " + " | ".join(f"**{wall:.1f}** | 100%" for _, _, wall, _ in columns) + " |")
-    print("WikiText-2 ppl (" + str(a.eval_windows) + " windows): " + ", ".join(f"{t} thr {p:.2f}" for t, _, _, p in columns))
+    print("| **whole run** | " + " | ".join(f"**{c[2]:.1f}** | 100%" for c in columns) + " |")
+    if a.compare_direct:
+        for i in range(0, len(columns), 2):
+            (l0, s0, w0, _, h0), (l1, s1, w1, _, h1) = columns[i : i + 2]
+            q0, q1 = w0 - s0.get("evaluation", 0.0), w1 - s1.get("evaluation", 0.0)
+            print(f"{l1}: whole run {w0 / w1:.2f}x, quantization alone {q0 / q1:.2f}x, searches "
+                  f"{s0.get('searches', 0.0) / max(s1.get('searches', 0.0), 1e-9):.2f}x faster than {l0}; stored forms "
+                  f"{'identical' if h0 == h1 else 'DIFFERENT'} (sha256 {h1[:16]})")
+    print("WikiText-2 ppl (" + str(a.eval_windows) + " windows): " + ", ".join(f"{c[0]} {c[3]:.2f}" for c in columns))
 
 
 def main() -> None:
@@ -106,6 +139,9 @@ def main() -> None:
     ap.add_argument("--cgb", action="store_true")
     ap.add_argument("--transform", default="none")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (whole run)")
+    ap.add_argument("--compare-direct", action="store_true",
+                    help="whole run: also run with every search candidate evaluated directly (the searches before "
+                         "issue #16) and compare seconds and stored-form hashes")
     ap.add_argument("--layers", type=int, default=0, help="only the first N decoder layers (0 = all)")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--model", default="smollm2")

@@ -3,12 +3,14 @@
 Code marks its stages with ``with stage("searches"):`` (or ``@timed("searches")``); nothing is measured
 unless a caller collects with ``with record() as seconds:``. Stages nest and are **exclusive**: time spent
 in an inner stage is not counted in the outer one, so the stages of a run add up to its wall time (what
-no stage covers is the caller's to name). Off, a stage costs one global lookup.
+no stage covers is the caller's to name). Only the thread that called ``record`` is timed: work spread over
+worker threads counts, as wall time, in the stage that waits for it. Off, a stage costs one global lookup.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,11 +20,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _seconds: dict[str, float] | None = None
 _stack: list[list[Any]] = []  # [stage name, time its current uninterrupted span started]
+_owner: int | None = None  # the thread that records
 
 
 @contextmanager
 def stage(name: str) -> Iterator[None]:
-    if _seconds is None:
+    if _seconds is None or threading.get_ident() != _owner:
         yield
         return
     seconds, now = _seconds, time.perf_counter()
@@ -57,10 +60,10 @@ def timed(name: str) -> Callable[[F], F]:
 @contextmanager
 def record() -> Iterator[dict[str, float]]:
     """Collect the stages run inside the block: {stage: exclusive seconds}, filled as they finish."""
-    global _seconds
+    global _seconds, _owner
     if _seconds is not None:
         raise RuntimeError("timing.record() does not nest")
-    _seconds = {}
+    _seconds, _owner = {}, threading.get_ident()
     try:
         yield _seconds
     finally:

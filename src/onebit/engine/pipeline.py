@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,35 @@ def _collect_hessians(
     return accs
 
 
+def _run_jobs(
+    jobs: list[tuple[str, int]], linears: dict[str, nn.Linear], accs: dict[str, HessianAccumulator],
+    cands: dict[str, list[LinearPlan]], opts: EngineOptions, idx: int,
+) -> list[tuple[LinearResult, float]]:
+    """Solve each (linear, candidate) job → (result, seconds). With T > 1 torch threads the jobs run T at a
+    time, each on one thread: the solves are many small tensor operations that T threads split poorly, and a
+    one-thread solve stores exactly what a one-thread run stores, so the stored forms no longer depend on T."""
+
+    def solve(job: tuple[str, int]) -> tuple[LinearResult, float]:
+        name, k = job
+        t1 = time.perf_counter()
+        p = cands[name][k]
+        res = quantize_linear(linears[name].weight, accs[name].hessian, p.build(), p.block_size, opts.percdamp,
+                              opts.feedback, opts.act_order, name=f"layer {idx} {name}")
+        return res, time.perf_counter() - t1
+
+    threads = torch.get_num_threads()
+    with stage("fit"):
+        if threads == 1 or len(jobs) == 1:
+            return [solve(job) for job in jobs]
+
+        def one_thread(job: tuple[str, int]) -> tuple[LinearResult, float]:
+            torch.set_num_threads(1)  # this worker's own setting: the caller keeps its threads
+            return solve(job)
+
+        with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+            return list(pool.map(one_thread, jobs))
+
+
 def _solve_group(
     group: list[str], linears: dict[str, nn.Linear], accs: dict[str, HessianAccumulator], plan: Plan,
     opts: EngineOptions, idx: int,
@@ -127,17 +157,9 @@ def _solve_group(
     for acc in {id(a): a for a in accs.values()}.values():  # partial Hessians of all ranks summed
         all_reduce_(acc.xtx)
         acc.nsamples = int(all_reduce_(torch.tensor([acc.nsamples], device=acc.xtx.device)).item())
-    mine: dict[tuple[str, int], tuple[LinearResult, float]] = {}
-    for pos, (name, k) in enumerate(jobs):
-        if pos % world == rank:
-            t1 = time.perf_counter()
-            p = cands[name][k]
-            with stage("fit"):
-                res = quantize_linear(linears[name].weight, accs[name].hessian, p.build(), p.block_size, opts.percdamp,
-                                      opts.feedback, opts.act_order, name=f"layer {idx} {name}")
-            mine[(name, k)] = (res, time.perf_counter() - t1)
-        if k == len(cands[name]) - 1:
-            del accs[name]
+    mine = dict(zip((job for pos, job in enumerate(jobs) if pos % world == rank),
+                    _run_jobs([job for pos, job in enumerate(jobs) if pos % world == rank], linears, accs, cands, opts, idx)))
+    accs.clear()
     solved = {job: broadcast_object(mine.get(job), pos % world) for pos, job in enumerate(jobs)}
     choice = plan.choose(idx, {name: [solved[(name, k)][0] for k in range(len(cands[name]))] for name in group})
     results: dict[str, LinearResult] = {}

@@ -1,13 +1,17 @@
 """BiLLM's two searches, shared by every method that uses salient columns and a bell-shaped split
 (braq, ARB, DBellQuant): the salient metric, the structural column search, the break-point search.
 
-Both searches evaluate all their candidates at once as batched tensors (chunked to bound memory): no
-per-candidate Python loop, no CPU round trip. Tie-breaking keeps the reference's "first minimum".
+The searches evaluate all their candidates at once as batched tensors (chunked to bound memory): no
+per-candidate Python loop, no CPU round trip. Tie-breaking keeps the reference's "first minimum". The column
+search scores its candidates in closed form first and evaluates directly only those that can be the first
+minimum (``first_minimum``): the same choice as evaluating all, at a fraction of the cost (issue #16).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -64,8 +68,23 @@ def salient_columns(t: Tensor, up_lim: int = 50, order: int = 2, score: str = "l
         rest = (rank >= kk).unsqueeze(1)  # (K, 1, B)
         return residual_error(top, sal, 2) + residual_error(t, rest, order)
 
-    k = first_minimum(_salient_errors(t, top, order), direct, step, float(t.double().square().sum())) + 1
+    fast = _salient_errors(t, top, order) if _closed_form else torch.full((lim - 1,), math.nan, dtype=torch.float64)
+    k = first_minimum(fast, direct, step, float(t.double().square().sum())) + 1
     return rank < k
+
+
+_closed_form = True
+
+
+@contextmanager
+def direct_searches() -> Iterator[None]:
+    """Inside: salient_columns evaluates every candidate directly, as before issue #16 (speed comparisons)."""
+    global _closed_form
+    saved, _closed_form = _closed_form, False
+    try:
+        yield
+    finally:
+        _closed_form = saved
 
 
 def _salient_errors(t: Tensor, top: Tensor, order: int) -> Tensor:
