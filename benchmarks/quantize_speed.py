@@ -13,9 +13,10 @@ evaluation), so a change shows where the time went. Run it on a quiet machine, b
 
     .venv/bin/python benchmarks/quantize_speed.py --whole-run --method arb-rc --cgb --threads 1,2 [--layers 4]
 
-``--compare-direct``: each thread count twice in the same process, first with every search candidate evaluated
-directly (the searches before issue #16), then as onebit runs; prints the speed-up and whether the stored forms
-(sha256 over every block tensor) are identical.
+``--compare-before``: each thread count twice in the same process, first as before issue #16 (every column-search
+candidate evaluated directly; the linears solved one after another, each with all torch threads), then as onebit
+runs; prints the speed-ups and whether the stored forms (sha256 over every block tensor) are identical (at more
+than one thread they are not: the "before" solves split their reductions over the threads, see the README).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def whole_run(a: argparse.Namespace) -> None:
     from onebit.cli import method_options_from_flags
     from onebit.data.corpora import calibration_samples, eval_ids
     from onebit.eval.ppl import perplexity
+    from onebit.engine.pipeline import serial_solves
     from onebit.methods.salient import direct_searches
     from onebit.models.loading import load_model
     from onebit.timing import record
@@ -88,7 +90,7 @@ def whole_run(a: argparse.Namespace) -> None:
     opts = method_options_from_flags(a.method, {"cgb": True if a.cgb else None}, a.method_option)  # as the CLI reads them
     cfg = QuantConfig(method=a.method, method_options=opts, transform=a.transform)
     columns: list[tuple[str, dict[str, float], float, float, str]] = []
-    variants = ("direct", "onebit") if a.compare_direct else ("onebit",)
+    variants = ("before", "onebit") if a.compare_before else ("onebit",)
     for threads in (int(t) for t in a.threads.split(",")):
         torch.set_num_threads(threads)
         for variant in variants:
@@ -99,12 +101,16 @@ def whole_run(a: argparse.Namespace) -> None:
             calib, _ = calibration_samples("c4", tok, 16, 1024, 0, a.data_dir)
             ids = eval_ids("wikitext2", tok, a.data_dir, 2048)
             digest = hashlib.sha256()
-            with record() as secs, (direct_searches() if variant == "direct" else contextlib.nullcontext()):
+            before = contextlib.ExitStack()
+            if variant == "before":
+                before.enter_context(direct_searches())
+                before.enter_context(serial_solves())
+            with record() as secs, before:
                 t0 = time.perf_counter()
                 quantize(model, cfg, calib, on_layer=stored_hash(digest))
                 ppl = perplexity(model, ids, 2048, "cpu", a.eval_windows)
                 wall = time.perf_counter() - t0
-            label = f"{threads} thread{'s' * (threads > 1)}" + (f", {variant}" if a.compare_direct else "")
+            label = f"{threads} thread{'s' * (threads > 1)}" + (f", {variant}" if a.compare_before else "")
             columns.append((label, dict(secs), wall, ppl, digest.hexdigest()))
     names = [s for s in STAGES if any(s in c[1] for c in columns)] + sorted({k for c in columns for k in c[1]} - set(STAGES))
     print(f"{a.method} {json.dumps(opts)} transform={a.transform}, {a.model}"
@@ -117,7 +123,7 @@ def whole_run(a: argparse.Namespace) -> None:
         cells = [f"{v:.1f} | {v / c[2]:.0%}" for v, c in zip(values, columns)]
         print(f"| {n} | " + " | ".join(cells) + " |")
     print("| **whole run** | " + " | ".join(f"**{c[2]:.1f}** | 100%" for c in columns) + " |")
-    if a.compare_direct:
+    if a.compare_before:
         for i in range(0, len(columns), 2):
             (l0, s0, w0, _, h0), (l1, s1, w1, _, h1) = columns[i : i + 2]
             q0, q1 = w0 - s0.get("evaluation", 0.0), w1 - s1.get("evaluation", 0.0)
@@ -139,9 +145,9 @@ def main() -> None:
     ap.add_argument("--cgb", action="store_true")
     ap.add_argument("--transform", default="none")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (whole run)")
-    ap.add_argument("--compare-direct", action="store_true",
-                    help="whole run: also run with every search candidate evaluated directly (the searches before "
-                         "issue #16) and compare seconds and stored-form hashes")
+    ap.add_argument("--compare-before", action="store_true",
+                    help="whole run: also run as before issue #16 (every search candidate evaluated directly, solves "
+                         "in one thread with all torch threads) and compare seconds and stored-form hashes")
     ap.add_argument("--layers", type=int, default=0, help="only the first N decoder layers (0 = all)")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--model", default="smollm2")

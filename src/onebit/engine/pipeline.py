@@ -8,8 +8,9 @@ choice recorded in the linear's report slice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,21 @@ def _collect_hessians(
     return accs
 
 
+_concurrent = True
+
+
+@contextmanager
+def serial_solves() -> Iterator[None]:
+    """Inside: every solve runs in the calling thread with all torch threads, as before issue #16 (speed
+    comparisons; at T > 1 threads the stored forms then depend on T)."""
+    global _concurrent
+    saved, _concurrent = _concurrent, False
+    try:
+        yield
+    finally:
+        _concurrent = saved
+
+
 def _run_jobs(
     jobs: list[tuple[str, int]], linears: dict[str, nn.Linear], accs: dict[str, HessianAccumulator],
     cands: dict[str, list[LinearPlan]], opts: EngineOptions, idx: int,
@@ -133,7 +149,7 @@ def _run_jobs(
 
     threads = torch.get_num_threads()
     with stage("fit"):
-        if threads == 1 or len(jobs) == 1:
+        if threads == 1 or len(jobs) == 1 or not _concurrent:
             return [solve(job) for job in jobs]
 
         def one_thread(job: tuple[str, int]) -> tuple[LinearResult, float]:
