@@ -13,8 +13,9 @@ evaluation), so a change shows where the time went. Run it on a quiet machine, b
 
     .venv/bin/python benchmarks/quantize_speed.py --whole-run --method arb-rc --cgb --threads 1,2 [--layers 4]
 
-``--compare-before``: each thread count twice in the same process, first as before issue #16 (every column-search
-candidate evaluated directly; the linears solved one after another, each with all torch threads), then as onebit
+``--compare-before``: each thread count twice in the same process, first as before issue #16
+(``onebit.timing.baseline``: every column-search candidate evaluated directly; the linears solved one after
+another, each with all torch threads; LTDB computing its frozen blocks, one linear at a time), then as onebit
 runs; prints the speed-ups and whether the stored forms (sha256 over every block tensor) are identical (at more
 than one thread they are not: the "before" solves split their reductions over the threads, see the README).
 """
@@ -82,10 +83,8 @@ def whole_run(a: argparse.Namespace) -> None:
     from onebit.cli import method_options_from_flags
     from onebit.data.corpora import calibration_samples, eval_ids
     from onebit.eval.ppl import perplexity
-    from onebit.engine.pipeline import serial_solves
-    from onebit.methods.salient import direct_searches
     from onebit.models.loading import load_model
-    from onebit.timing import record
+    from onebit.timing import baseline, record
 
     opts = method_options_from_flags(a.method, {"cgb": True if a.cgb else None}, a.method_option)  # as the CLI reads them
     cfg = QuantConfig(method=a.method, method_options=opts, transform=a.transform)
@@ -101,11 +100,7 @@ def whole_run(a: argparse.Namespace) -> None:
             calib, _ = calibration_samples("c4", tok, 16, 1024, 0, a.data_dir)
             ids = eval_ids("wikitext2", tok, a.data_dir, 2048)
             digest = hashlib.sha256()
-            before = contextlib.ExitStack()
-            if variant == "before":
-                before.enter_context(direct_searches())
-                before.enter_context(serial_solves())
-            with record() as secs, before:
+            with record() as secs, (baseline() if variant == "before" else contextlib.nullcontext()):
                 t0 = time.perf_counter()
                 quantize(model, cfg, calib, on_layer=stored_hash(digest))
                 ppl = perplexity(model, ids, 2048, "cpu", a.eval_windows)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,3 +72,42 @@ def record() -> Iterator[dict[str, float]]:
     finally:
         _seconds = None
         _stack.clear()
+
+
+_baseline = False
+
+
+@contextmanager
+def baseline() -> Iterator[None]:
+    """Inside: the speed-ups of issue #16 off, for before/after comparisons in one process
+    (benchmarks/quantize_speed.py --compare-before): the column search evaluates every candidate directly,
+    the linears are solved one after another with all torch threads, and LTDB computes its frozen blocks and
+    learns one linear at a time. At one thread the stored forms are the same either way."""
+    global _baseline
+    saved, _baseline = _baseline, True
+    try:
+        yield
+    finally:
+        _baseline = saved
+
+
+def speedups() -> bool:
+    """False inside ``baseline()``."""
+    return not _baseline
+
+
+def one_thread_each(fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
+    """``fn`` over ``items`` (results in order): T at a time in worker threads of one torch thread each when
+    torch has T > 1 threads (independent jobs made of small operations, which T threads split poorly), else
+    in the calling thread. Worker threads are not timed (their wall time counts in the caller's stage)."""
+    threads = torch.get_num_threads()
+    if threads == 1 or len(items) < 2 or _baseline:
+        yield from map(fn, items)
+        return
+
+    def run(item: Any) -> Any:
+        torch.set_num_threads(1)  # the worker's own setting: the caller keeps its threads
+        return fn(item)
+
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        yield from pool.map(run, items)

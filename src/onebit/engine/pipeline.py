@@ -8,9 +8,7 @@ choice recorded in the linear's report slice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +18,7 @@ from torch import Tensor, nn
 from ..methods.base import Bits
 from ..models.base import ArchAdapter
 from ..progress import track
-from ..timing import stage
+from ..timing import one_thread_each, stage
 from .capture import ActivationBuffers, capture_inputs, run_layer
 from .checkpoint import LayerCheckpoint, set_weights
 from .distributed import all_reduce_, broadcast_object, is_main, rank_world
@@ -116,21 +114,6 @@ def _collect_hessians(
     return accs
 
 
-_concurrent = True
-
-
-@contextmanager
-def serial_solves() -> Iterator[None]:
-    """Inside: every solve runs in the calling thread with all torch threads, as before issue #16 (speed
-    comparisons; at T > 1 threads the stored forms then depend on T)."""
-    global _concurrent
-    saved, _concurrent = _concurrent, False
-    try:
-        yield
-    finally:
-        _concurrent = saved
-
-
 def _run_jobs(
     jobs: list[tuple[str, int]], linears: dict[str, nn.Linear], accs: dict[str, HessianAccumulator],
     cands: dict[str, list[LinearPlan]], opts: EngineOptions, idx: int,
@@ -147,17 +130,8 @@ def _run_jobs(
                               opts.feedback, opts.act_order, name=f"layer {idx} {name}")
         return res, time.perf_counter() - t1
 
-    threads = torch.get_num_threads()
     with stage("fit"):
-        if threads == 1 or len(jobs) == 1 or not _concurrent:
-            return [solve(job) for job in jobs]
-
-        def one_thread(job: tuple[str, int]) -> tuple[LinearResult, float]:
-            torch.set_num_threads(1)  # this worker's own setting: the caller keeps its threads
-            return solve(job)
-
-        with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
-            return list(pool.map(one_thread, jobs))
+        return list(one_thread_each(solve, jobs))
 
 
 def _solve_group(

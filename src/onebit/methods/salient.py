@@ -10,13 +10,12 @@ minimum (``first_minimum``): the same choice as evaluating all, at a fraction of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ..timing import timed
+from ..timing import speedups, timed
 from .binarize import PrefixSets, SortedRows, chunk_size, residual_error, residual_error_closed
 
 SALIENT_METRICS = ("hessian", "magnitude")
@@ -68,23 +67,10 @@ def salient_columns(t: Tensor, up_lim: int = 50, order: int = 2, score: str = "l
         rest = (rank >= kk).unsqueeze(1)  # (K, 1, B)
         return residual_error(top, sal, 2) + residual_error(t, rest, order)
 
-    fast = _salient_errors(t, top, order) if _closed_form else torch.full((lim - 1,), math.nan, dtype=torch.float64)
+    fast = _salient_errors(t, top, order) if speedups() else torch.full((lim - 1,), math.nan, dtype=torch.float64)
     k = first_minimum(fast, direct, step, float(t.double().square().sum())) + 1
     return rank < k
 
-
-_closed_form = True
-
-
-@contextmanager
-def direct_searches() -> Iterator[None]:
-    """Inside: salient_columns evaluates every candidate directly, as before issue #16 (speed comparisons)."""
-    global _closed_form
-    saved, _closed_form = _closed_form, False
-    try:
-        yield
-    finally:
-        _closed_form = saved
 
 
 def _salient_errors(t: Tensor, top: Tensor, order: int) -> Tensor:
