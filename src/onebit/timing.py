@@ -96,10 +96,11 @@ def speedups() -> bool:
     return not _baseline
 
 
-def one_thread_each(fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
+def one_thread_each(fn: Callable[[Any], Any], items: list[Any], cost: Callable[[Any], float] | None = None) -> Iterator[Any]:
     """``fn`` over ``items`` (results in order): T at a time in worker threads of one torch thread each when
     torch has T > 1 threads (independent jobs made of small operations, which T threads split poorly), else
-    in the calling thread. Worker threads are not timed (their wall time counts in the caller's stage)."""
+    in the calling thread. ``cost`` (relative work of an item): the costliest start first, so that no large
+    job runs alone at the end. Worker threads are not timed (their wall time counts in the caller's stage)."""
     threads = torch.get_num_threads()
     if threads == 1 or len(items) < 2 or _baseline:
         yield from map(fn, items)
@@ -109,5 +110,8 @@ def one_thread_each(fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]
         torch.set_num_threads(1)  # the worker's own setting: the caller keeps its threads
         return fn(item)
 
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else range(len(items))
     with ThreadPoolExecutor(min(threads, len(items))) as pool:
-        yield from pool.map(run, items)
+        futures = {i: pool.submit(run, items[i]) for i in order}
+        for i in range(len(items)):
+            yield futures[i].result()

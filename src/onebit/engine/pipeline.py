@@ -131,7 +131,7 @@ def _run_jobs(
         return res, time.perf_counter() - t1
 
     with stage("fit"):
-        return list(one_thread_each(solve, jobs))
+        return list(one_thread_each(solve, jobs, cost=lambda job: linears[job[0]].weight.numel()))
 
 
 def _solve_group(

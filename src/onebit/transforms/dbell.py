@@ -209,7 +209,8 @@ def apply_dbell(
                             mode, opts)
 
     # independent jobs (each reads only its own linears until all are learned): T at a time with T threads
-    learned = track(one_thread_each(learn, jobs), f"{mode} transform", total=len(jobs))
+    learned = track(one_thread_each(learn, jobs, cost=lambda job: sum(lin.weight.numel() for lin in job[2])),
+                    f"{mode} transform", total=len(jobs))
     for (idx, group, linears), (t, steps) in zip(jobs, learned):
         fold_scales(get_module(layers[idx], group.feeder), linears, t)
         applied.update({f"{adapter.layers}.{idx}.{n}": t for n in group.linears})
