@@ -15,7 +15,7 @@ evaluation), so a change shows where the time went. Run it on a quiet machine, b
 
 ``--compare-before``: each thread count twice in the same process, first as before issue #16
 (``onebit.timing.baseline``: every column-search candidate evaluated directly; the linears solved one after
-another, each with all torch threads; LTDB computing its frozen blocks, one linear at a time), then as onebit
+another, each with all torch threads; LTDB learning one linear at a time), then as onebit
 runs; prints the speed-ups and whether the stored forms (sha256 over every block tensor) are identical (at more
 than one thread they are not: the "before" solves split their reductions over the threads, see the README).
 """
@@ -122,9 +122,11 @@ def whole_run(a: argparse.Namespace) -> None:
         for i in range(0, len(columns), 2):
             (l0, s0, w0, _, h0), (l1, s1, w1, _, h1) = columns[i : i + 2]
             q0, q1 = w0 - s0.get("evaluation", 0.0), w1 - s1.get("evaluation", 0.0)
-            print(f"{l1}: whole run {w0 / w1:.2f}x, quantization alone {q0 / q1:.2f}x, searches "
-                  f"{s0.get('searches', 0.0) / max(s1.get('searches', 0.0), 1e-9):.2f}x faster than {l0}; stored forms "
-                  f"{'identical' if h0 == h1 else 'DIFFERENT'} (sha256 {h1[:16]})")
+            searches = (f", searches {s0['searches'] / s1['searches']:.2f}x" if s0.get("searches") and s1.get("searches")
+                        else "")  # (solves in worker threads count as "fit")
+            print(f"{l1}: whole run {w0 / w1:.2f}x, quantization alone {q0 / q1:.2f}x{searches} faster than {l0}; "
+                  f"stored forms {'identical' if h0 == h1 else 'DIFFERENT'} (sha256 {h1[:16]}"
+                  f"{', as at the first thread count' if i and h1 == columns[1][4] else ''})")
     print("WikiText-2 ppl (" + str(a.eval_windows) + " windows): " + ", ".join(f"{c[0]} {c[3]:.2f}" for c in columns))
 
 

@@ -81,8 +81,7 @@ _baseline = False
 def baseline() -> Iterator[None]:
     """Inside: the speed-ups of issue #16 off, for before/after comparisons in one process
     (benchmarks/quantize_speed.py --compare-before): the column search evaluates every candidate directly,
-    the linears are solved one after another with all torch threads, and LTDB computes its frozen blocks and
-    learns one linear at a time. At one thread the stored forms are the same either way."""
+    the linears are solved one after another with all torch threads, and LTDB learns one linear at a time. At one thread the stored forms are the same either way."""
     global _baseline
     saved, _baseline = _baseline, True
     try:
