@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -63,20 +62,6 @@ STAGES = ("transform", "calibration forward", "hessian accumulation", "cholesky"
           "error feedback", "layer replay", "evaluation")
 
 
-def stored_hash(digest: "hashlib._Hash") -> Callable[..., None]:
-    """An ``on_layer`` callback feeding every stored block tensor (name, dtype, shape, bytes) to ``digest``."""
-
-    def on_layer(idx, layer, record, results) -> None:
-        for name, res in results.items():
-            for b, block in enumerate(res.blocks):
-                for key, t in block.items():
-                    t = t.detach().contiguous().cpu()
-                    digest.update(f"{idx}.{name}.{b}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
-                    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-    return on_layer
-
-
 def whole_run(a: argparse.Namespace) -> None:
     """One quantize + evaluation per thread count (and search variant); a table of stage seconds side by side."""
     from onebit import QuantConfig, quantize
@@ -84,6 +69,7 @@ def whole_run(a: argparse.Namespace) -> None:
     from onebit.data.corpora import calibration_samples, eval_ids
     from onebit.eval.ppl import perplexity
     from onebit.models.loading import load_model
+    from onebit.engine.pipeline import hash_stored_forms
     from onebit.timing import baseline, record
 
     opts = method_options_from_flags(a.method, {"cgb": True if a.cgb else None}, a.method_option)  # as the CLI reads them
@@ -102,7 +88,7 @@ def whole_run(a: argparse.Namespace) -> None:
             digest = hashlib.sha256()
             with record() as secs, (baseline() if variant == "before" else contextlib.nullcontext()):
                 t0 = time.perf_counter()
-                quantize(model, cfg, calib, on_layer=stored_hash(digest))
+                quantize(model, cfg, calib, on_layer=hash_stored_forms(digest))
                 ppl = perplexity(model, ids, 2048, "cpu", a.eval_windows)
                 wall = time.perf_counter() - t0
             label = f"{threads} thread{'s' * (threads > 1)}" + (f", {variant}" if a.compare_before else "")

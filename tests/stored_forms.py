@@ -29,19 +29,11 @@ CASES = {
 
 def fingerprint(family: str, case: str) -> str:
     import onebit
+    from onebit.engine.pipeline import hash_stored_forms
 
     model = tiny_model(family)
     digest = hashlib.sha256()
-
-    def on_layer(idx, layer, record, results) -> None:
-        for name, res in results.items():
-            for b, block in enumerate(res.blocks):
-                for key, t in block.items():
-                    t = t.detach().contiguous().cpu()
-                    digest.update(f"{idx}.{name}.{b}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
-                    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-    onebit.quantize(model, onebit.QuantConfig(**CASES[case]), random_ids(4, 64), on_layer=on_layer)
+    onebit.quantize(model, onebit.QuantConfig(**CASES[case]), random_ids(4, 64), on_layer=hash_stored_forms(digest))
     return digest.hexdigest()
 
 

@@ -20,30 +20,29 @@ RECORDED = json.loads((Path(__file__).parent / "fixtures" / "stored_forms.json")
 FAST_FAMILIES = ("llama", "opt")
 
 
-@pytest.fixture
-def one_thread():
+def _threads(count: int):
     if RECORDED["cpu_capability"] != cpu_capability() or RECORDED["torch"] != torch.__version__:
         pytest.skip(f"fingerprints recorded on {RECORDED['cpu_capability']} / torch {RECORDED['torch']}")
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    yield from _threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    yield from _threads(2)
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=[] if f in FAST_FAMILIES else pytest.mark.slow) for f in FAMILIES])
 @pytest.mark.parametrize("case", list(CASES))
 def test_stored_forms_unchanged(one_thread, family, case):
     assert fingerprint(family, case) == RECORDED["hashes"][f"{family}/{case}"]
-
-
-@pytest.fixture
-def two_threads():
-    if RECORDED["cpu_capability"] != cpu_capability() or RECORDED["torch"] != torch.__version__:
-        pytest.skip(f"fingerprints recorded on {RECORDED['cpu_capability']} / torch {RECORDED['torch']}")
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("case", ["braq", "arb-rc", "row-hbraq", "dbell+braq"])

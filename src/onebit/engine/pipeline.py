@@ -82,6 +82,21 @@ class LayerRecord:
 LayerCallback = Callable[[int, nn.Module, LayerRecord, dict[str, LinearResult]], None]
 
 
+def hash_stored_forms(digest: Any) -> LayerCallback:
+    """An ``on_layer`` callback feeding every stored block tensor (layer, linear, block, key, dtype, shape,
+    bytes) to ``digest`` (a hashlib object): a fingerprint of what a run stores (bit-identity checks)."""
+
+    def on_layer(idx: int, layer: nn.Module, record: LayerRecord, results: dict[str, LinearResult]) -> None:
+        for name, res in results.items():
+            for b, block in enumerate(res.blocks):
+                for key, t in block.items():
+                    t = t.detach().contiguous().cpu()
+                    digest.update(f"{idx}.{name}.{b}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+                    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    return on_layer
+
+
 @dataclass
 class EngineOptions:
     percdamp: float = 0.01
