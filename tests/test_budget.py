@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from conftest import assert_packed_logits, random_ids, tiny_model
 from onebit import QuantConfig, quantize
 from onebit.cli import app
-from onebit.engine.budget import best_choice
+from onebit.engine.budget import best_choice, output_weight
+from onebit.engine.pipeline import PROBE_SAMPLES, output_probe
 from onebit.errors import InputError
 from onebit.recipes import RECIPES, candidate_set, recipe
 
@@ -115,11 +116,15 @@ def test_config_checks_and_round_trip():
     assert (cfg.method, cfg.method_options, cfg.feedback) == ("sign", {}, "block")  # the nominal: the first candidate
     assert cfg.budget_candidates[1] == {"method": "gptq", "options": {"bits": 2}}
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
-    assert "bpw_budget" not in QuantConfig().to_dict() and "budget_candidates" not in QuantConfig().to_dict()
-    for bad, match in (({"bpw_budget": 0}, "positive"), ({"budget_candidates": "lean2"}, "needs bpw_budget"),
+    assert not {"bpw_budget", "budget_candidates", "budget_objective"} & set(QuantConfig().to_dict())
+    out = QuantConfig(bpw_budget=1.5, budget_objective="output")
+    assert QuantConfig.from_dict(out.to_dict()) == out and out.to_dict()["budget_objective"] == "output"
+    for bad, match in (({"bpw_budget": 0}, "positive"), ({"budget_candidates": "lean2"}, "need bpw_budget"),
                        ({"bpw_budget": 2, "budget_candidates": "nope"}, "unknown budget candidate set"),
                        ({"bpw_budget": 2, "budget_candidates": [{"options": {}}]}, "list of"),
-                       ({"bpw_budget": 2, "budget_candidates": [{"method": "lean", "options": {"x": 1}}]}, "x")):
+                       ({"bpw_budget": 2, "budget_candidates": [{"method": "lean", "options": {"x": 1}}]}, "x"),
+                       ({"budget_objective": "output"}, "need bpw_budget"),
+                       ({"bpw_budget": 2, "budget_objective": "loss"}, "budget_objective must be one of")):
         with pytest.raises(ValueError, match=match):
             QuantConfig(**bad)
 
@@ -189,3 +194,56 @@ def test_beyond_rows_pass_the_cli_checks(tmp_path):
     for name, args in results.rows("beyond", ("", []), 0):
         res = CliRunner().invoke(app, results.command(name, args, False, str(tmp_path / "absent"))[1:])
         assert res.exit_code == 1 and "does not exist" in res.output, (name, res.output)
+
+
+def test_output_weight_is_the_worst_candidates_output_error_over_its_own():
+    class R:  # the two fields output_weight reads
+        def __init__(self, err: float, q: torch.Tensor) -> None:
+            self.err, self.q = err, q
+
+    seen = []
+
+    def probe(name: str, q: torch.Tensor) -> float:
+        seen.append((name, float(q[0])))
+        return 6.0
+
+    results = [R(1.0, torch.tensor([1.0])), R(4.0, torch.tensor([2.0])), R(float("nan"), torch.tensor([3.0]))]
+    assert output_weight(results, probe, "v") == 6.0 / 4.0 and seen == [("v", 2.0)]
+    assert output_weight([R(0.0, torch.tensor([0.0]))], probe, "v") == 0.0  # no error anywhere: nothing to weigh
+
+
+def test_output_probe_measures_one_linear_alone_and_restores_it():
+    """The probe's growth of the layer's output error equals a replay written out in the test; the layer's
+    weights are left as they were."""
+    from onebit.engine.capture import capture_inputs, run_layer
+    from onebit.models import get_adapter
+
+    model = tiny_model("llama", 1)
+    adapter = get_adapter(model)
+    inps, calls = capture_inputs(model, adapter, random_ids(6, 16), "cpu")
+    layer = adapter.decoder_layers(model)[0]
+    linears = adapter.linears(layer)
+    ref = run_layer(layer, inps, calls[0])
+    probe = output_probe(layer, linears, inps, calls[0], ref, "cpu")
+    v = linears["self_attn.v_proj"]
+    w0 = v.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    w1 = w0 + 0.05 * torch.randn(w0.shape, generator=g)
+    got = probe("self_attn.v_proj", w1)
+    assert torch.equal(v.weight, w0)
+    v.weight.data = w1
+    out = run_layer(layer, inps[:PROBE_SAMPLES], calls[0])
+    v.weight.data = w0
+    want = float((out - ref[:PROBE_SAMPLES]).double().square().sum())
+    assert got == pytest.approx(want, rel=1e-12) and got > 0
+    assert probe("self_attn.v_proj", w0) == 0.0
+
+
+def test_output_objective_run_keeps_the_budget_and_reports_weights():
+    res = quantize(tiny_model("llama", 2), QuantConfig(bpw_budget=1.6, budget_objective="output"), random_ids(4, 32))
+    assert res.storage_bpw <= 1.6 and res.budget["objective"] == "output"
+    ws = [d["weight"] for d in res.budget["linears"]]
+    assert len(ws) == 14 and all(w >= 0 for w in ws) and any(w > 0 for w in ws)
+    for step in res.budget["steps"]:  # each layer's reported error is its choice's weighted sum
+        chosen = [d for d in res.budget["linears"] if d["layer"] == step["layer"]]
+        assert step["err"] == pytest.approx(sum(d["candidates"][d["choice"]][1] for d in chosen))

@@ -274,6 +274,9 @@ def quantize(
     bpw_budget: Optional[float] = typer.Option(None, help="storage bpw bound over all quantized linears: each linear is solved "
                                                           "with every budget candidate and the engine keeps one per linear "
                                                           "(docs/budget.md); the candidates name the methods"),
+    budget_objective: str = typer.Option("weight", help="what the budget's choice minimizes: weight (Σ tr(ΔW H ΔWᵀ)) or "
+                                                       "output (each linear's error weighted by its measured effect on "
+                                                       "the layer's output; docs/budget.md)"),
     budget_candidates: str = typer.Option("lean", help="the budget's candidates: a set's name (`onebit recipes`) or a JSON "
                                                        "list of {\"method\": ..., \"options\": {...}}"),
     recipe: Optional[str] = typer.Option(None, help="a named configuration (`onebit recipes`): lean2 (≤ 2.0 storage bpw), "
@@ -307,7 +310,8 @@ def quantize(
                   ltdb_epochs=ltdb_epochs, ltdb_lr=ltdb_lr, ltdb_p=ltdb_p, ltdb_opt=ltdb_opt,
                   act_scales=None if act_scales is None else str(act_scales), feedback=feedback, act_order=act_order,
                   rotate_seed=rotate_seed, rotate_heads=rotate_heads, rotate_down=rotate_down, fallback=fallback,
-                  bpw_budget=bpw_budget, budget_candidates=_budget_candidates(budget_candidates))
+                  bpw_budget=bpw_budget, budget_candidates=_budget_candidates(budget_candidates),
+                  budget_objective=budget_objective)
     preset = _recipe_fields(recipe, fields)
     rec_method, rec_options = preset.pop("method", None), preset.pop("method_options", {})
     fields.update(preset)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine.budget import BudgetPlan
+from .engine.budget import OBJECTIVES, BudgetPlan
 from .engine.pipeline import EngineOptions
 from .engine.plan import Plan, default_fallback, fixed_block
 from .engine.solver import FEEDBACK, check_feedback
@@ -30,7 +30,9 @@ class QuantConfig:
     ``bpw_budget`` (docs/budget.md): a storage-bpw bound over all quantized linears; each linear then tries
     every one of ``budget_candidates`` (a set's name in ``onebit.recipes.CANDIDATES``, or a list of
     ``{"method", "options"}``) and keeps the choice of engine/budget.py; ``method`` and ``method_options``
-    become the first candidate's (the nominal method: labels, feedback and act-order defaults)."""
+    become the first candidate's (the nominal method: labels, feedback and act-order defaults);
+    ``budget_objective`` what the choice minimizes: "weight" (Σ tr(ΔW H ΔWᵀ)) or "output" (each linear's term
+    weighted by its measured effect on the layer's output)."""
 
     method: str = "braq"
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +63,7 @@ class QuantConfig:
     fallback: str | None = "auto"
     bpw_budget: float | None = None
     budget_candidates: str | list[dict[str, Any]] = "lean"
+    budget_objective: str = "weight"
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -79,9 +82,11 @@ class QuantConfig:
 
     def _resolve_budget(self) -> None:
         """Make ``budget_candidates`` an explicit list, each candidate checked; the nominal method is the first."""
+        if self.budget_objective not in OBJECTIVES:
+            raise ValueError(f"budget_objective must be one of {', '.join(OBJECTIVES)}, got {self.budget_objective!r}")
         if self.bpw_budget is None:
-            if self.budget_candidates != "lean":
-                raise ValueError("budget_candidates needs bpw_budget")
+            if self.budget_candidates != "lean" or self.budget_objective != "weight":
+                raise ValueError("budget_candidates and budget_objective need bpw_budget")
             return
         if not self.bpw_budget > 0:
             raise ValueError(f"bpw_budget must be positive, got {self.bpw_budget}")
@@ -126,7 +131,7 @@ class QuantConfig:
     def plan(self) -> Plan:
         """Each linear's method and block size (engine/plan.py), or its choice under the bit budget."""
         if self.bpw_budget is not None:
-            return BudgetPlan(self.bpw_budget, self.budget_candidates, self.blocksize)
+            return BudgetPlan(self.bpw_budget, self.budget_candidates, self.blocksize, self.budget_objective)
         return Plan(self.method, self.method_options, self.blocksize, self.fallback)
 
     def _validate_dbell(self) -> None:
@@ -168,6 +173,8 @@ class QuantConfig:
                 del d[key]
         if "bpw_budget" not in d:
             del d["budget_candidates"]
+        if d["budget_objective"] == "weight":  # the objective before there was a choice
+            del d["budget_objective"]
         return d
 
     @classmethod

@@ -3,7 +3,10 @@
 Every linear is solved with each candidate configuration (a method and its options); the plan keeps, for each
 group of linears solved together (a layer; a linear group with ``--true-sequential``), the candidates that
 minimize the group's summed output error Σ tr(ΔW H ΔWᵀ) (absolute, on the layer's calibration Hessian) within
-the group's share of the bits. The choice is exact (a multiple-choice knapsack: ``best_choice``), so a larger
+the group's share of the bits. With the ``output`` objective each linear's term is weighted by how much of it
+reaches the layer's output (``output_weight``: the layer replayed on a few samples with that linear alone
+quantized), so a linear whose error the layer damps (q/k through the softmax) stops drawing bits from the
+ones whose error goes straight to the residual stream. The choice is exact (a multiple-choice knapsack: ``best_choice``), so a larger
 share never gives a group more error. Methods are only names here: any registered method can be a candidate.
 
 The share: the bits the linears before the group left under B (B × their weights, unspent bits carried
@@ -25,11 +28,13 @@ import torch
 
 from ..errors import InputError
 from ..methods.base import build_method
-from .plan import LinearPlan, Plan, Shapes, default_fallback, fixed_block
+from .plan import LinearPlan, Plan, Probe, Shapes, default_fallback, fixed_block
 from .solver import LinearResult, quantize_linear
 
 if TYPE_CHECKING:
     from .pipeline import LinearRecord
+
+OBJECTIVES = ("weight", "output")
 
 
 @lru_cache(maxsize=None)
@@ -70,10 +75,13 @@ class BudgetPlan(Plan):
     run's nominal method) and keep, group by group, the least-error choice that holds the whole model at or
     below ``budget`` storage bpw."""
 
-    def __init__(self, budget: float, candidates: list[dict[str, Any]], blocksize: int) -> None:
+    def __init__(self, budget: float, candidates: list[dict[str, Any]], blocksize: int, objective: str = "weight") -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"budget objective must be one of {OBJECTIVES}, got {objective!r}")
         first = candidates[0]
         super().__init__(first["method"], first.get("options") or {}, blocksize, _fallback(first["method"]))
-        self.budget = budget
+        self.budget, self.objective = budget, objective
+        self.wants_probe = objective == "output"
         self.plans = [Plan(c["method"], c.get("options") or {}, blocksize, _fallback(c["method"])) for c in candidates]
         self.floors: dict[tuple[int, str], tuple[int, int]] | None = None  # (layer, name) → (candidate, bits)
         self.steps: list[dict[str, Any]] = []
@@ -106,11 +114,17 @@ class BudgetPlan(Plan):
                                   f"candidate (--budget-candidates)")
         self.spent = self.seen = 0
 
-    def choose(self, layer: int, solved: dict[str, list[LinearResult]]) -> dict[str, int]:
+    def choose(self, layer: int, solved: dict[str, list[LinearResult]], probe: Probe | None = None) -> dict[str, int]:
         if self.floors is None:
             raise RuntimeError("BudgetPlan.start was not called with the model's linears")
         names = list(solved)
-        options = [[(r.bits.storage, r.err if math.isfinite(r.err) else math.inf) for r in solved[n]] for n in names]
+        weight = {n: 1.0 for n in names}
+        if self.objective == "output":
+            if probe is None:
+                raise RuntimeError("the output objective needs the pipeline's probe")
+            weight = {n: output_weight(solved[n], probe, n) for n in names}
+        options = [[(r.bits.storage, r.err * weight[n] if math.isfinite(r.err) else math.inf) for r in solved[n]]
+                   for n in names]
         for n, opts in zip(names, options):
             k, bits = self.floors[(layer, n)]
             if opts[k][0] != bits:
@@ -126,7 +140,7 @@ class BudgetPlan(Plan):
         assert bits <= hard, (bits, hard)
         self.steps.append(dict(layer=layer, linears=names, cap_bits=cap, bits=bits, weights=weights,
                                err=sum(opts[k][1] for opts, k in zip(options, choice))))
-        self.linears += [dict(layer=layer, name=n, choice=k, candidates=[[b, e] for b, e in opts])
+        self.linears += [dict(layer=layer, name=n, choice=k, candidates=[[b, e] for b, e in opts], weight=weight[n])
                          for n, opts, k in zip(names, options, choice)]
         return dict(zip(names, choice))
 
@@ -141,11 +155,22 @@ class BudgetPlan(Plan):
     def summary(self) -> dict[str, Any]:
         """B, the achieved storage bpw, the floor, each group's share, bits and error, and each solved linear's
         choice among its candidates' [storage bits, tr(ΔW H ΔWᵀ)] (linears resumed from checkpoints: not listed)."""
-        return dict(bpw_budget=self.budget, storage_bpw=self.spent / max(self.seen, 1), storage_bits=self.spent,
+        return dict(bpw_budget=self.budget, objective=self.objective, storage_bpw=self.spent / max(self.seen, 1), storage_bits=self.spent,
                     weights=self.seen, allowance_bits=self.allowance,
                     floor_bpw=sum(b for _, b in self.floors.values()) / max(self.weights, 1),
                     candidates=[dict(method=p.method, options=p.options) for p in self.plans],
                     steps=self.steps, linears=self.linears)
+
+
+def output_weight(results: list[LinearResult], probe: Probe, name: str) -> float:
+    """How much of a linear's tr(ΔW H ΔWᵀ) reaches its layer's output: the output error its worst candidate
+    causes alone (``probe``) over that candidate's own error; 0 if no candidate has any error. Linearized: the
+    other candidates' output errors are taken to scale with their tr(ΔW H ΔWᵀ)."""
+    errs = [r.err if math.isfinite(r.err) else -1.0 for r in results]
+    k = max(range(len(errs)), key=errs.__getitem__)
+    if errs[k] <= 0:
+        return 0.0
+    return max(probe(name, results[k].q), 0.0) / errs[k]
 
 
 def _fallback(method: str) -> str | None:

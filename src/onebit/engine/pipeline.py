@@ -23,7 +23,7 @@ from .capture import ActivationBuffers, capture_inputs, run_layer
 from .checkpoint import LayerCheckpoint, set_weights
 from .distributed import all_reduce_, broadcast_object, is_main, rank_world
 from .hessian import HessianAccumulator
-from .plan import LinearPlan, Plan, Shapes
+from .plan import LinearPlan, Plan, Probe, Shapes
 from .solver import LinearResult, quantize_linear
 from .store import InMemoryLayers, LayerStore
 
@@ -149,9 +149,39 @@ def _run_jobs(
         return list(one_thread_each(solve, jobs, cost=lambda job: linears[job[0]].weight.numel()))
 
 
+PROBE_SAMPLES = 4  # calibration samples a budget's output probe replays the layer on
+
+
+def output_probe(layer: nn.Module, linears: dict[str, nn.Linear], inputs: Tensor, call: Any, ref: Tensor,
+                 device: str) -> Probe:
+    """``probe(name, weight)``: the growth of the layer's summed squared output error (against ``ref``, the
+    float layer's outputs) on the first PROBE_SAMPLES samples when linear ``name`` alone takes ``weight``
+    (summed over the ranks). The layer is left as it was."""
+    x, y = inputs[:PROBE_SAMPLES], ref[:PROBE_SAMPLES]
+    base: list[float] = []
+
+    def error() -> float:
+        out = run_layer(layer, x, call, device)
+        return float(all_reduce_(torch.tensor([float((out - y).double().square().sum())], dtype=torch.float64))[0])
+
+    def probe(name: str, weight: Tensor) -> float:
+        with stage("budget probe"):
+            if not base:
+                base.append(error())
+            lin = linears[name]
+            saved = lin.weight.data
+            lin.weight.data = weight.to(saved.device, saved.dtype)
+            try:
+                return error() - base[0]
+            finally:
+                lin.weight.data = saved
+
+    return probe
+
+
 def _solve_group(
     group: list[str], linears: dict[str, nn.Linear], accs: dict[str, HessianAccumulator], plan: Plan,
-    opts: EngineOptions, idx: int,
+    opts: EngineOptions, idx: int, probe: Probe | None = None,
 ) -> tuple[dict[str, LinearResult], list[LinearRecord]]:
     """Quantize a group's linears, each with every candidate its plan gives it (one unless a budget), the
     solves split over the ranks (round robin) and broadcast from their solver; the plan keeps one result per
@@ -166,7 +196,7 @@ def _solve_group(
                     _run_jobs([job for pos, job in enumerate(jobs) if pos % world == rank], linears, accs, cands, opts, idx)))
     accs.clear()
     solved = {job: broadcast_object(mine.get(job), pos % world) for pos, job in enumerate(jobs)}
-    choice = plan.choose(idx, {name: [solved[(name, k)][0] for k in range(len(cands[name]))] for name in group})
+    choice = plan.choose(idx, {name: [solved[(name, k)][0] for k in range(len(cands[name]))] for name in group}, probe)
     results: dict[str, LinearResult] = {}
     recs: list[LinearRecord] = []
     for name in group:
@@ -240,7 +270,8 @@ def quantize_model_layers(
                     layer, {n: linears[n] for n in group}, inps, calls[idx], fp_out if s == 0 else q_out, opts.device,
                     f"layer {idx}: hessians", opts.hessian_raw_inputs, [g.linears for g in adapter.groups],
                 )
-                res_g, recs_g = _solve_group(group, linears, accs, plan, opts, idx)
+                probe = output_probe(layer, linears, inps, calls[idx], fp_out, opts.device) if plan.wants_probe else None
+                res_g, recs_g = _solve_group(group, linears, accs, plan, opts, idx, probe)
                 results.update(res_g)
                 recs += recs_g
             with stage("layer replay"):

@@ -15,16 +15,20 @@ has one candidate; the per-linear bit budget (engine/budget.py) is a plan with s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..methods.base import Binarizer, build_method, method_class
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from .pipeline import LinearRecord
     from .solver import LinearResult
 
 Shapes = list[tuple[int, str, tuple[int, int]]]
 """Every decoder linear of a model: (layer, name, weight shape)."""
+Probe = Callable[[str, "Tensor"], float]
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,13 @@ class Plan:
         """The plans linear ``name`` is solved with; ``choose`` keeps one of them."""
         return [self.resolve(layer, name, shape)]
 
-    def choose(self, layer: int, solved: dict[str, list["LinearResult"]]) -> dict[str, int]:
-        """Which candidate each linear of a group keeps, given every candidate's result (in ``candidates`` order)."""
+    wants_probe = False
+    """Whether ``choose`` needs ``probe``: the pipeline then measures what a weight does to the layer's output."""
+
+    def choose(self, layer: int, solved: dict[str, list["LinearResult"]], probe: Probe | None = None) -> dict[str, int]:
+        """Which candidate each linear of a group keeps, given every candidate's result (in ``candidates`` order);
+        ``probe(name, weight)`` (when ``wants_probe``): how much the layer's output error on a few calibration
+        samples grows when linear ``name`` alone takes ``weight``."""
         return {name: 0 for name in solved}
 
     def observe(self, records: list["LinearRecord"]) -> None:
