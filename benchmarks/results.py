@@ -103,8 +103,10 @@ def frontier_rows(max_seeds: int = 3) -> list[tuple[str, list[str]]]:
 
 
 ROT = ["--transform", "rotate", "--rotate-heads"]  # the recipes' rotation (folded: --save and GGUF keep it)
+OUT = ["--budget-objective", "output"]  # the recipes' budget objective
 LEAN2 = ["--method", "lean", "-m", "salient_frac=[0.05,0.15,0.4]", "-m", "salient_bits=[4,3,2]"]  # ≈ 1.93 bpw
-BEYOND = [  # docs/budget.md: the recipes first (the first row also evaluates fp), then the ablation
+BEYOND = [  # docs/budget.md: the first row also evaluates fp, then the recipes, then the ablation
+    ("rotate-heads+budget2", [*ROT, "--bpw-budget", "2.0"]),  # lean2's first form: lean candidates, weight objective
     ("lean2", ["--recipe", "lean2"]),
     ("lean15", ["--recipe", "lean15"]),
     ("dbell+arb-rc+cgb", [*ARC, "--transform", "dbell"]),  # the best seed method (the frontier's row)
@@ -114,10 +116,12 @@ BEYOND = [  # docs/budget.md: the recipes first (the first row also evaluates fp
     ("lean-1bit", ["--method", "lean", "-m", "salient_frac=0"]),  # lean metadata alone (≈ 1.08)
     ("lean", ["--method", "lean"]),  # + structured salient channels (≈ 1.49)
     ("lean-2.0", LEAN2),
-    ("rotate-heads+lean", ["--method", "lean", *ROT]),
+    ("rotate-heads+lean", ["--method", "lean", *ROT]),  # lean15's second form: lean's default tiers everywhere
     ("rotate-heads+lean-2.0", [*LEAN2, *ROT]),
     ("rotate-heads-down+lean", ["--method", "lean", *ROT, "--rotate-down"]),  # + online Hadamard on down_proj's input
     ("rotate-heads+budget1.5", [*ROT, "--bpw-budget", "1.5"]),  # lean15's first form: all seven lean candidates
+    ("rotate-heads+budget1.5-output", [*ROT, "--bpw-budget", "1.5", *OUT]),  # the output objective alone
+    ("rotate-heads+budget1.5-output-wide", [*ROT, "--bpw-budget", "1.5", *OUT, "--budget-candidates", "wide"]),
     ("budget1.5", ["--bpw-budget", "1.5"]),  # the bit budget alone (lean candidates)
     ("budget2", ["--bpw-budget", "2.0"]),
 ]

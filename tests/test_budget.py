@@ -130,10 +130,13 @@ def test_config_checks_and_round_trip():
 
 
 def test_recipes_expand_to_their_documented_config():
-    for name, bound, cands in (("lean2", 2.0, "lean"), ("lean15", 1.5, "lean15")):
+    for name, bound, cands in (("lean2", 2.0, "wide"), ("lean15", 1.5, "lean-rich")):
         cfg = QuantConfig(**recipe(name))
         assert cfg.bpw_budget == bound and cfg.transform == "rotate" and cfg.rotate_heads and not cfg.rotate_down
         assert cfg.budget_candidates == candidate_set(cands) and cfg.method == "lean" and cfg.feedback == "column"
+        assert cfg.budget_objective == "output"
+    lean = candidate_set("lean")
+    assert candidate_set("lean-rich")[:7] == lean and candidate_set("wide")[3:9] == lean[1:]
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("lean1")
 
@@ -148,6 +151,7 @@ def test_cli_budget_and_recipe(cli_setup):
     rep = json.loads((root / "r" / "report.json").read_text())
     assert rep["name"] == "lean15" and rep["storage_bpw"] <= 1.5 and rep["budget"]["bpw_budget"] == 1.5
     assert rep["config"]["transform"] == "rotate" and all(r["plan"]["method"] == "lean" for l in rep["layers"] for r in l["linears"])
+    assert rep["budget"]["objective"] == "output" and all("weight" in d for d in rep["budget"]["linears"])
     res = runner.invoke(app, [*base, "--bpw-budget", "1.0"])
     assert res.exit_code == 1 and "is below what the cheapest budget candidates store" in res.output
     res = runner.invoke(app, [*base, "--recipe", "lean2", "--transform", "dbell"])
@@ -190,7 +194,7 @@ def test_beyond_rows_pass_the_cli_checks(tmp_path):
     import results
 
     names = [name for name, _ in results.rows("beyond", ("", []), 0)]
-    assert names[:2] == ["lean2", "lean15"] and "dbell+arb-rc+cgb" in names and len(set(names)) == len(names)
+    assert names[1:3] == ["lean2", "lean15"] and "dbell+arb-rc+cgb" in names and len(set(names)) == len(names)
     for name, args in results.rows("beyond", ("", []), 0):
         res = CliRunner().invoke(app, results.command(name, args, False, str(tmp_path / "absent"))[1:])
         assert res.exit_code == 1 and "does not exist" in res.output, (name, res.output)
