@@ -109,6 +109,7 @@ BEYOND = [  # docs/budget.md: the first row also evaluates fp, then the recipes,
     ("rotate-heads+budget2", [*ROT, "--bpw-budget", "2.0"]),  # lean2's first form: lean candidates, weight objective
     ("lean2", ["--recipe", "lean2"]),
     ("lean15", ["--recipe", "lean15"]),
+    ("lean15-s1", ["--recipe", "lean15", "--seed", "1"]),  # a second calibration seed: the recipe's spread
     ("dbell+arb-rc+cgb", [*ARC, "--transform", "dbell"]),  # the best seed method (the frontier's row)
     ("arb-rc+cgb", ARC),
     ("rotate-heads+arb-rc+cgb", [*ARC, *ROT]),  # rotation alone
