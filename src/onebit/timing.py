@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -81,7 +81,8 @@ _baseline = False
 def baseline() -> Iterator[None]:
     """Inside: the speed-ups of issue #16 off, for before/after comparisons in one process
     (benchmarks/quantize_speed.py --compare-before): the column search evaluates every candidate directly,
-    the linears are solved one after another with all torch threads, and LTDB learns one linear at a time. At one thread the stored forms are the same either way."""
+    the linears are solved one after another with all torch threads, and LTDB learns one linear at a time.
+    At one thread the stored forms are the same either way."""
     global _baseline
     saved, _baseline = _baseline, True
     try:
@@ -95,11 +96,13 @@ def speedups() -> bool:
     return not _baseline
 
 
-def one_thread_each(fn: Callable[[Any], Any], items: list[Any], cost: Callable[[Any], float] | None = None) -> Iterator[Any]:
+def one_thread_each(
+    fn: Callable[[Any], Any], items: list[Any], cost: Callable[[Any], float] | None = None
+) -> Iterator[Any]:
     """``fn`` over ``items`` (results in order): T at a time in worker threads of one torch thread each when
-    torch has T > 1 threads (independent jobs made of small operations, which T threads split poorly), else
-    in the calling thread. ``cost`` (relative work of an item): the costliest start first, so that no large
-    job runs alone at the end. Worker threads are not timed (their wall time counts in the caller's stage)."""
+    torch has T > 1 threads, else in the calling thread. Each job then computes exactly what it computes on one
+    thread (a result that does not depend on T), and jobs that ran on one thread anyway (LTDB) gain T×.
+    ``cost`` (relative work of an item): the costliest start first, so that no large job runs alone at the end. Worker threads are not timed (their wall time counts in the caller's stage)."""
     threads = torch.get_num_threads()
     if threads == 1 or len(items) < 2 or _baseline:
         yield from map(fn, items)

@@ -134,8 +134,9 @@ def _run_jobs(
     cands: dict[str, list[LinearPlan]], opts: EngineOptions, idx: int,
 ) -> list[tuple[LinearResult, float]]:
     """Solve each (linear, candidate) job → (result, seconds). With T > 1 torch threads the jobs run T at a
-    time, each on one thread: the solves are many small tensor operations that T threads split poorly, and a
-    one-thread solve stores exactly what a one-thread run stores, so the stored forms no longer depend on T."""
+    time, each on one thread: a one-thread solve stores exactly what a one-thread run stores, so the stored
+    forms do not depend on T (splitting each operation over the threads changed them), at about the same speed
+    (README, "Quantization speed")."""
 
     def solve(job: tuple[str, int]) -> tuple[LinearResult, float]:
         name, k = job

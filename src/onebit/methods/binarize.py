@@ -199,30 +199,35 @@ class SortedRows:
 
 
 class PrefixSets:
-    """The sets ``values[:, :k]`` (each row's first k values, k = 1 … L), with O(log L) counts and sums below
-    a threshold: each row sorted once; ``select(ks)`` builds the cumulative membership tables of some k over
-    the sorted positions ((L + 1) × K × n, position-major so the running sums are whole-slab additions)."""
+    """The sets ``values[:, :k]`` (each row's first k values, k = 1 … L), each row sorted once: ``select(ks)``
+    gives some of them with O(log L) counts and sums below a threshold."""
 
     def __init__(self, values: Tensor) -> None:
         x = values.double()
         self.xs, self.pos = x.sort(-1)
-        ks = torch.arange(1, x.shape[1] + 1, device=x.device)
+        k = torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
         # (count, sum, sum of squares) of every set (L × n)
-        self.all_totals = (ks.double().view(-1, 1).expand(-1, x.shape[0]), x.cumsum(-1).T, x.square().cumsum(-1).T)
-        self.ks = ks
+        self.totals = (k.view(-1, 1).expand(-1, x.shape[0]), x.cumsum(-1).T, x.square().cumsum(-1).T)
 
-    def select(self, ks: Tensor) -> "PrefixSets":
-        """The sets k ∈ ``ks`` only, with their tables: ``totals`` and ``below`` then refer to them."""
-        out = object.__new__(PrefixSets)
-        out.xs, out.pos, out.ks = self.xs, self.pos, ks
-        out.totals = tuple(t[ks - 1] for t in self.all_totals)
+    def select(self, ks: Tensor) -> "SelectedSets":
+        """The sets k ∈ ``ks``: cumulative membership tables over the sorted positions ((L + 1) × K × n,
+        position-major so the running sums are whole-slab additions)."""
         member = (self.pos.T.unsqueeze(1) < ks.view(1, -1, 1)).double()  # (L, K, n): sorted entry in set k
         zero = torch.zeros_like(member[:1])
-        out.cnt = torch.cat([zero, member.cumsum(0)])
-        out.s1 = torch.cat([zero, (member * self.xs.T.unsqueeze(1)).cumsum(0)])
-        return out
+        return SelectedSets(tuple(t[ks - 1] for t in self.totals), self.xs, torch.cat([zero, member.cumsum(0)]),
+                            torch.cat([zero, (member * self.xs.T.unsqueeze(1)).cumsum(0)]))
+
+
+@dataclass
+class SelectedSets:
+    """Some of a ``PrefixSets``' sets: ``totals`` (count, sum, sum of squares; K × n each) and ``below``."""
+
+    totals: tuple[Tensor, Tensor, Tensor]
+    xs: Tensor  # the rows, sorted (n × L)
+    cnt: Tensor  # ((L + 1) × K × n) members among the first p sorted entries
+    s1: Tensor  # ((L + 1) × K × n) their sum
 
     def below(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """(count, sum) of set k's values < θ in each row, for the selected sets; θ is (K × n)."""
+        """(count, sum) of set k's values < θ in each row; θ is (K × n)."""
         i = torch.searchsorted(self.xs, theta.T.contiguous()).T.unsqueeze(0)  # (1, K, n)
         return self.cnt.gather(0, i).squeeze(0), self.s1.gather(0, i).squeeze(0)
