@@ -63,13 +63,13 @@ STAGES = ("transform", "calibration forward", "hessian accumulation", "cholesky"
 
 
 def whole_run(a: argparse.Namespace) -> None:
-    """One quantize + evaluation per thread count (and search variant); a table of stage seconds side by side."""
+    """One quantize + evaluation per thread count (and variant: before issue #16 / now); a table of stage seconds side by side."""
     from onebit import QuantConfig, quantize
     from onebit.cli import method_options_from_flags
     from onebit.data.corpora import calibration_samples, eval_ids
+    from onebit.engine.pipeline import hash_stored_forms
     from onebit.eval.ppl import perplexity
     from onebit.models.loading import load_model
-    from onebit.engine.pipeline import hash_stored_forms
     from onebit.timing import baseline, record
 
     opts = method_options_from_flags(a.method, {"cgb": True if a.cgb else None}, a.method_option)  # as the CLI reads them

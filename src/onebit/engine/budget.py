@@ -6,8 +6,9 @@ minimize the group's summed output error Σ tr(ΔW H ΔWᵀ) (absolute, on the l
 the group's share of the bits. With the ``output`` objective each linear's term is weighted by how much of it
 reaches the layer's output (``output_weight``: the layer replayed on a few samples with that linear alone
 quantized), so a linear whose error the layer damps (q/k through the softmax) stops drawing bits from the
-ones whose error goes straight to the residual stream. The choice is exact (a multiple-choice knapsack: ``best_choice``), so a larger
-share never gives a group more error. Methods are only names here: any registered method can be a candidate.
+ones whose error goes straight to the residual stream. The choice is exact (a multiple-choice knapsack:
+``best_choice``), so a larger share never gives a group more error. Methods are only names here: any
+registered method can be a candidate.
 
 The share: the bits the linears before the group left under B (B × their weights, unspent bits carried
 over), and never more than leaves the cheapest candidate ("floor") of every later linear within B × all
@@ -155,8 +156,8 @@ class BudgetPlan(Plan):
     def summary(self) -> dict[str, Any]:
         """B, the achieved storage bpw, the floor, each group's share, bits and error, and each solved linear's
         choice among its candidates' [storage bits, tr(ΔW H ΔWᵀ)] (linears resumed from checkpoints: not listed)."""
-        return dict(bpw_budget=self.budget, objective=self.objective, storage_bpw=self.spent / max(self.seen, 1), storage_bits=self.spent,
-                    weights=self.seen, allowance_bits=self.allowance,
+        return dict(bpw_budget=self.budget, objective=self.objective, storage_bpw=self.spent / max(self.seen, 1),
+                    storage_bits=self.spent, weights=self.seen, allowance_bits=self.allowance,
                     floor_bpw=sum(b for _, b in self.floors.values()) / max(self.weights, 1),
                     candidates=[dict(method=p.method, options=p.options) for p in self.plans],
                     steps=self.steps, linears=self.linears)

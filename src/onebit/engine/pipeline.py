@@ -193,8 +193,8 @@ def _solve_group(
     for acc in {id(a): a for a in accs.values()}.values():  # partial Hessians of all ranks summed
         all_reduce_(acc.xtx)
         acc.nsamples = int(all_reduce_(torch.tensor([acc.nsamples], device=acc.xtx.device)).item())
-    mine = dict(zip((job for pos, job in enumerate(jobs) if pos % world == rank),
-                    _run_jobs([job for pos, job in enumerate(jobs) if pos % world == rank], linears, accs, cands, opts, idx)))
+    own = [job for pos, job in enumerate(jobs) if pos % world == rank]  # this rank's solves (round robin)
+    mine = dict(zip(own, _run_jobs(own, linears, accs, cands, opts, idx)))
     accs.clear()
     solved = {job: broadcast_object(mine.get(job), pos % world) for pos, job in enumerate(jobs)}
     choice = plan.choose(idx, {name: [solved[(name, k)][0] for k in range(len(cands[name]))] for name in group}, probe)

@@ -14,8 +14,8 @@ has one candidate; the per-linear bit budget (engine/budget.py) is a plan with s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..methods.base import Binarizer, build_method, method_class

@@ -72,7 +72,6 @@ def salient_columns(t: Tensor, up_lim: int = 50, order: int = 2, score: str = "l
     return rank < k
 
 
-
 def _salient_errors(t: Tensor, top: Tensor, order: int) -> Tensor:
     """Closed-form float64 errors of salient_columns' candidates k = 1 … L − 1 (L = top's width), a few
     candidates at a time so that their tables stay in cache."""
@@ -113,6 +112,7 @@ def first_minimum(fast: Tensor, direct: Callable[[int], Tensor], step: int, scal
     errs = {c: direct(c) for c in chunks}
     vals = torch.stack([errs[i - i % step][i % step] for i in near])
     return near[int(torch.argmin(vals).item())]  # first minimum (NaN first), as a direct search's argmin
+
 
 @timed("searches")
 def split_threshold(t: Tensor, salient: Tensor) -> tuple[Tensor, Tensor]:

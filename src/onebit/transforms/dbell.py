@@ -185,24 +185,23 @@ def apply_dbell(
     applied: dict[str, Tensor] = {}
     all_t, all_steps = [], []
     layers = adapter.decoder_layers(model)
-    jobs = []  # (layer index, group, its linears), act scales checked before any work
+    jobs = []  # (layer index, group, its linears, its act-scales key), act scales checked before any work
     for idx, layer in enumerate(layers):
         for group in (g for g in adapter.groups if g.feeder_kind == "norm"):
             key = f"{adapter.layers}.{idx}.{group.linears[0]}"
             if key not in act_scales:
                 raise DataError(f"act scales have no entry {key!r} (computed for another model?)",
                                 hint="Compute them for this model: onebit act-scales MODEL --out FILE")
-            jobs.append((idx, group, [get_module(layer, n) for n in group.linears]))
+            jobs.append((idx, group, [get_module(layer, n) for n in group.linears], key))
 
-    def learn(job: tuple[int, Any, list[nn.Linear]]) -> tuple[Tensor, Tensor]:
-        idx, group, linears = job
-        return group_scales([lin.weight for lin in linears], act_scales[f"{adapter.layers}.{idx}.{group.linears[0]}"],
-                            mode, opts)
+    def learn(job: tuple[int, Any, list[nn.Linear], str]) -> tuple[Tensor, Tensor]:
+        _, _, linears, key = job
+        return group_scales([lin.weight for lin in linears], act_scales[key], mode, opts)
 
     # independent jobs (each reads only its own linears until all are learned): T at a time with T threads
     learned = track(one_thread_each(learn, jobs, cost=lambda job: sum(lin.weight.numel() for lin in job[2])),
                     f"{mode} transform", total=len(jobs))
-    for (idx, group, linears), (t, steps) in zip(jobs, learned):
+    for (idx, group, linears, _), (t, steps) in zip(jobs, learned):
         fold_scales(get_module(layers[idx], group.feeder), linears, t)
         applied.update({f"{adapter.layers}.{idx}.{n}": t for n in group.linears})
         all_t.append(t)
