@@ -34,7 +34,9 @@ FAST = settings(max_examples=2, deadline=None, suppress_health_check=[HealthChec
 def block_and_width(method: str, m: int, block: int) -> tuple[int, int]:
     """A fixed-block method (a GGUF type) takes its own block and whole blocks only: 1 or 2 of them."""
     fixed = fixed_block(method)
-    return (block, m) if fixed is None else (fixed, fixed * (1 + m % 2))
+    if fixed is None:  # a vector code (vq) takes whole groups of columns
+        return block, m - m % getattr(build_method(method), "column_group", 1)
+    return fixed, fixed * (1 + m % 2)
 
 
 @lru_cache(maxsize=None)

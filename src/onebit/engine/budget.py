@@ -94,6 +94,7 @@ class BudgetPlan(Plan):
     def start(self, shapes: Shapes) -> None:
         """Measure every linear's floor; refuse a budget below the floors' total, or a floor candidate whose
         storage depends on the weights (a later linear could then cost more than was set aside for it)."""
+        super().start(shapes)
         self.weights = sum(s[0] * s[1] for _, _, s in shapes)
         self.allowance = _bits_under(self.budget, self.weights)
         self.floors = {}

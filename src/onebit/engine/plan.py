@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InputError
 from ..methods.base import Binarizer, build_method, method_class
 
 if TYPE_CHECKING:
@@ -86,7 +87,15 @@ class Plan:
             fallback = default_fallback(method)
 
     def start(self, shapes: Shapes) -> None:
-        """Called once with every linear of the model before any is solved (a budget checks itself here)."""
+        """Called once with every linear of the model before any is solved: refuses a linear a candidate cannot
+        code (a vector code's ``column_group`` must divide in_features and the block; a budget also checks itself)."""
+        for layer, name, shape in shapes:
+            for lp in self.candidates(layer, name, shape):
+                group = getattr(lp.build(), "column_group", 1)
+                if shape[1] % group or lp.block_size % group:
+                    raise InputError(f"layer {layer} {name}: {lp.method} {lp.options} codes {group} columns together, "
+                                     f"which do not divide in_features {shape[1]} and block size {lp.block_size}",
+                                     hint=f"Use a --blocksize that is a multiple of {group}, or another method")
 
     def candidates(self, layer: int, name: str, shape: tuple[int, int]) -> list[LinearPlan]:
         """The plans linear ``name`` is solved with; ``choose`` keeps one of them."""

@@ -74,6 +74,9 @@ def check_feedback(method: Binarizer, feedback: str, act_order: bool) -> None:
     if feedback == "column" and not hasattr(method, "fit_block"):
         raise ValueError(f"method {method.name!r} cannot assign single columns (its stored form is not per column, "
                          f"e.g. HBLLM's Haar bands): use feedback block or none")
+    if act_order and getattr(method, "column_group", 1) > 1:
+        raise ValueError(f"method {method.name!r} codes {method.column_group} adjacent columns together: act_order "
+                         f"would split them (drop --act-order)")
     if act_order and feedback != "column":
         raise ValueError("act_order needs column feedback (--feedback column)")
 
@@ -161,7 +164,9 @@ def _column_feedback(
 ) -> tuple[Tensor, Tensor, list]:
     """GPTQ's column loop in batches of ``blocksize`` (positions in ``perm`` order when given; ``u`` is the
     factor of the permuted Hessian then). Without ``perm`` a block is fitted when its batch starts, on the
-    weights as compensated so far; with ``perm`` every block is fitted up front (static act-order)."""
+    weights as compensated so far; with ``perm`` every block is fitted up front (static act-order). A fit with
+    ``group`` > 1 (a vector code) assigns that many columns at once (``assign_group(j, x, u)``, u the group's
+    block of the factor) and pushes their error on as block LDL: E = (x − q)·u⁻¹."""
     m = w.shape[1]
     order = torch.arange(m, device=w.device) if perm is None else perm
     wp = w[:, order]
@@ -174,7 +179,17 @@ def _column_feedback(
             fits.append(method.fit_block(wp[:, s:e], ctx[s // blocksize]))
         ub = u[s:e, s:e]
         with stage("error feedback"):  # the column loop: each column's level assignment and its error pushed on
-            for p in range(s, e):
+            fit = fits[-1] if perm is None else None
+            group = getattr(fit, "group", 1)
+            for p in range(s, e, group):
+                if group > 1:  # a vector code: ``group`` columns at once, their error pushed on as block LDL
+                    i, k = p - s, p - s + group
+                    x = wp[:, p : p + group]
+                    qg = fit.assign_group(i, x, ub[i:k, i:k])
+                    eg = torch.linalg.solve_triangular(ub[i:k, i:k], x - qg, upper=True, left=False)
+                    wp[:, p + group : e] -= eg @ ub[i:k, k:]
+                    q[:, p : p + group], err[:, p : p + group] = qg, eg
+                    continue
                 c = cols[p]
                 x = wp[:, p]
                 qc = fits[c // blocksize].assign(c % blocksize, x)
