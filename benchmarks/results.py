@@ -108,8 +108,15 @@ LEAN2 = ["--method", "lean", "-m", "salient_frac=[0.05,0.15,0.4]", "-m", "salien
 BEYOND = [  # docs/budget.md: the first row also evaluates fp, then the recipes, then the ablation
     ("rotate-heads+budget2", [*ROT, "--bpw-budget", "2.0"]),  # lean2's first form: lean candidates, weight objective
     ("lean2", ["--recipe", "lean2"]),
+    ("lean2-s1", ["--recipe", "lean2", "--seed", "1"]),  # a second calibration seed
     ("lean15", ["--recipe", "lean15"]),
     ("lean15-s1", ["--recipe", "lean15", "--seed", "1"]),  # a second calibration seed: the recipe's spread
+    ("rotate-heads+vq10", ["--method", "vq", "-m", "bits=10", *ROT]),  # the recipes' vector codes alone (≈ 1.31)
+    ("vq10", ["--method", "vq", "-m", "bits=10"]),  # … without rotation
+    ("rotate-heads+budget2-output-wide", [*ROT, "--bpw-budget", "2.0", *OUT, "--budget-candidates", "wide"]),
+    ("rotate-heads+budget1.5-output-rich", [*ROT, "--bpw-budget", "1.5", *OUT, "--budget-candidates", "lean-rich"]),
+    ("rotate-heads+budget1.5-output-rich-s1",  # lean15's third form (scalar codes only) and its second seed
+     [*ROT, "--bpw-budget", "1.5", *OUT, "--budget-candidates", "lean-rich", "--seed", "1"]),
     ("dbell+arb-rc+cgb", [*ARC, "--transform", "dbell"]),  # the best seed method (the frontier's row)
     ("arb-rc+cgb", ARC),
     ("rotate-heads+arb-rc+cgb", [*ARC, *ROT]),  # rotation alone

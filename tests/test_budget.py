@@ -130,13 +130,18 @@ def test_config_checks_and_round_trip():
 
 
 def test_recipes_expand_to_their_documented_config():
-    for name, bound, cands in (("lean2", 2.0, "wide"), ("lean15", 1.5, "lean-rich")):
+    for name, bound, cands, nominal in (("lean2", 2.0, "vq", "vq"), ("lean15", 1.5, "vq", "vq")):
         cfg = QuantConfig(**recipe(name))
         assert cfg.bpw_budget == bound and cfg.transform == "rotate" and cfg.rotate_heads and not cfg.rotate_down
-        assert cfg.budget_candidates == candidate_set(cands) and cfg.method == "lean" and cfg.feedback == "column"
-        assert cfg.budget_objective == "output"
-    lean = candidate_set("lean")
+        assert cfg.budget_candidates == candidate_set(cands) and cfg.method == nominal and cfg.feedback == "column"
+        assert cfg.budget_objective == "output" and not cfg.act_order
+    lean, vq = candidate_set("lean"), candidate_set("vq")
     assert candidate_set("lean-rich")[:7] == lean and candidate_set("wide")[3:9] == lean[1:]
+    assert [(c["options"].get("dim", 8), c["options"]["bits"]) for c in vq[:7]] == [(8, 8), (8, 9), (8, 10), (8, 11),
+                                                                                     (8, 12), (4, 7), (4, 8)]
+    assert vq[7:] == lean[5:] + candidate_set("lean-rich")[7:]
+    with pytest.raises(ValueError, match="act_order would split"):
+        QuantConfig(**recipe("lean15"), act_order=True)
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("lean1")
 
@@ -150,7 +155,8 @@ def test_cli_budget_and_recipe(cli_setup):
     assert res.exit_code == 0, res.output
     rep = json.loads((root / "r" / "report.json").read_text())
     assert rep["name"] == "lean15" and rep["storage_bpw"] <= 1.5 and rep["budget"]["bpw_budget"] == 1.5
-    assert rep["config"]["transform"] == "rotate" and all(r["plan"]["method"] == "lean" for l in rep["layers"] for r in l["linears"])
+    assert rep["config"]["transform"] == "rotate"
+    assert {r["plan"]["method"] for l in rep["layers"] for r in l["linears"]} <= {"vq", "lean"}
     assert rep["budget"]["objective"] == "output" and all("weight" in d for d in rep["budget"]["linears"])
     res = runner.invoke(app, [*base, "--bpw-budget", "1.0"])
     assert res.exit_code == 1 and "is below what the cheapest budget candidates store" in res.output

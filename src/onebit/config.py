@@ -76,9 +76,11 @@ class QuantConfig:
         method = self.build_method()  # validates the method name and options early
         self._resolve_feedback(method)
         self._resolve_fallback()
-        for c in self.budget_candidates if self.bpw_budget is not None else []:
-            if self.feedback == "column" and not hasattr(method_class(c["method"]), "fit_block"):
-                raise ValueError(f"budget candidate {c['method']!r} cannot assign single columns: use feedback block")
+        for c in self.budget_candidates[1:] if self.bpw_budget is not None else []:
+            try:
+                check_feedback(build_method(c["method"], **c["options"]), self.feedback, self.act_order)
+            except ValueError as e:
+                raise ValueError(f"budget candidate {c['method']} {c['options']}: {e}") from None
 
     def _resolve_budget(self) -> None:
         """Make ``budget_candidates`` an explicit list, each candidate checked; the nominal method is the first."""

@@ -29,7 +29,7 @@ RICH = [  # two richer settings for the linears whose errors the layer's output 
 # lean15's: lean's seven settings and the two richer ones (README "beyond": 500 / 458 at 1.500 with the output
 # objective, against 597 / 524 for the seven alone and 782 / 599 for "wide").
 CANDIDATES["lean-rich"] = CANDIDATES["lean"] + RICH
-# lean2's: also two finer cheap settings and 8-bit GPTQ (never chosen on SmolLM2 at 2.0, kept: the measured set).
+# lean2's before vq: also two finer cheap settings and 8-bit GPTQ (never chosen on SmolLM2 at 2.0).
 CANDIDATES["wide"] = [
     CANDIDATES["lean"][0],
     {"method": "lean", "options": {"salient_frac": [0.02], "salient_bits": [4]}},                        # ≈ 1.14
@@ -37,12 +37,20 @@ CANDIDATES["wide"] = [
     *CANDIDATES["lean"][1:], *RICH,
     {"method": "gptq", "options": {"bits": 8}},                                                           # ≈ 8.25
 ]
+# lean2's and lean15's: vector codes (methods/vq.py) from 1.06 to 2.06 storage bpw, then lean's two richest tier
+# settings and the two richer ones (README "beyond", output objective: at 1.5 301 / 285 against 500 / 458 for
+# "lean-rich"; at 2.0 83 / 93 against 126 / 143 for "wide").
+CANDIDATES["vq"] = [
+    *({"method": "vq", "options": {"bits": k}} for k in (8, 9, 10, 11, 12)),                           # ≈ 1.06 … 1.56
+    *({"method": "vq", "options": {"dim": 4, "bits": k}} for k in (7, 8)),                              # ≈ 1.81, 2.06
+    *CANDIDATES["lean"][5:], *RICH,
+]
 
 # Measured on the embedded model by benchmarks/results.py beyond (README "Beyond the seed methods").
 RECIPES: dict[str, dict[str, Any]] = {
-    "lean2": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 2.0, "budget_candidates": "wide",
+    "lean2": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 2.0, "budget_candidates": "vq",
               "budget_objective": "output"},
-    "lean15": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 1.5, "budget_candidates": "lean-rich",
+    "lean15": {"transform": "rotate", "rotate_heads": True, "bpw_budget": 1.5, "budget_candidates": "vq",
                "budget_objective": "output"},
     # DBellQuant exactly as released (ZijianYY/DBellQuant @ 6bc3e86, docs/dbellquant.md "Parity"): the L2 loss
     # and braq with the order-1 non-salient proxy in its column-count search (BiLLM's is order 2).
