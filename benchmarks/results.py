@@ -113,6 +113,9 @@ BEYOND = [  # docs/budget.md: the first row also evaluates fp, then the recipes,
     ("lean15-s1", ["--recipe", "lean15", "--seed", "1"]),  # a second calibration seed: the recipe's spread
     ("rotate-heads+vq10", ["--method", "vq", "-m", "bits=10", *ROT]),  # the recipes' vector codes alone (≈ 1.31)
     ("vq10", ["--method", "vq", "-m", "bits=10"]),  # … without rotation
+    ("budget1.5-output-vq", ["--bpw-budget", "1.5", *OUT, "--budget-candidates", "vq"]),  # lean15 without rotation
+    ("rotate-heads-down+budget1.5-output-vq",  # lean15 with an online Hadamard on down_proj's input
+     [*ROT, "--rotate-down", "--bpw-budget", "1.5", *OUT, "--budget-candidates", "vq"]),
     ("rotate-heads+budget2-output-wide", [*ROT, "--bpw-budget", "2.0", *OUT, "--budget-candidates", "wide"]),
     ("rotate-heads+budget1.5-output-rich", [*ROT, "--bpw-budget", "1.5", *OUT, "--budget-candidates", "lean-rich"]),
     ("rotate-heads+budget1.5-output-rich-s1",  # lean15's third form (scalar codes only) and its second seed

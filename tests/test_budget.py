@@ -74,24 +74,29 @@ def test_best_choice_is_the_exact_optimum():
         best_choice([[(5, 1.0)], [(3, 0.0)]], 7)
 
 
-def test_budget_run_packs_and_decodes(tmp_path):
-    """Lean at several tier settings in one model: the packed checkpoint carries each module's own layout,
-    its measured bpw equals the report's and its logits equal the fake-quant model's exactly."""
+@pytest.mark.parametrize("candidates", ["lean", "vq"])
+def test_budget_run_packs_and_decodes(tmp_path, candidates):
+    """Lean at several tier settings in one model (``vq``: vector codes and lean settings): the packed checkpoint
+    carries each module's own method and layout, its measured bpw equals the report's and its logits equal the
+    fake-quant model's exactly."""
     from onebit.export.packed import PackCollector, save_packed
     from onebit.models import get_adapter
 
     model, ids = tiny_model("llama", 2), random_ids(4, 32)
     col = PackCollector(get_adapter(model))
-    cfg = QuantConfig(bpw_budget=1.6)
+    cfg = QuantConfig(bpw_budget=1.6, budget_candidates=candidates)
     res = quantize(model, cfg, ids, on_layer=col)
-    assert len({json.dumps(r.plan.options) for layer in res.layers for r in layer.linears}) > 1
+    assert len({json.dumps(r.plan.to_dict()) for layer in res.layers for r in layer.linears}) > 1
+    if candidates == "vq":
+        assert {r.plan.method for layer in res.layers for r in layer.linears} == {"vq", "lean"}
     with torch.no_grad():
         logits = model(ids).logits
     qc = save_packed(model, tmp_path, col.packed, cfg.method, cfg.method_options, cfg.blocksize, res.bits)
     assert qc["format_version"] == 3 and any("layout" in e for e in qc["modules"].values())
     for layer in res.layers:
         for r in layer.linears:
-            assert qc["modules"][f"model.layers.{r.layer}.{r.name}"]["options"] == r.plan.options
+            entry = qc["modules"][f"model.layers.{r.layer}.{r.name}"]
+            assert entry["options"] == r.plan.options and entry["method"] == r.plan.method
     assert_packed_logits(tmp_path, ids, logits, res.storage_bpw)
 
 
