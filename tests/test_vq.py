@@ -121,3 +121,10 @@ def test_plan_refuses_unfit_linears_before_any_work(shape, block):
     with pytest.raises(InputError, match="codes 8 columns together"):
         Plan("vq", {}, block).start([(0, "mlp.down_proj", shape)])
     Plan("vq", {}, 64).start([(0, "mlp.down_proj", (8, 128))])  # fits
+
+
+def test_a_zero_row_decodes_to_zeros():
+    w, h = layer(6, 64)
+    w[2] = 0
+    res = quantize_linear(w, h, build_method("vq", bits=9), 64, feedback="column")
+    assert torch.equal(res.q[2], torch.zeros(64)) and res.q[1].abs().sum() > 0

@@ -33,6 +33,7 @@ from .uniform import from_planes, to_planes
 
 
 def count_code_planes(params: dict[str, Tensor]) -> int:
+    """The code bits of a stored block: its planes ``c0``, ``c1``, …"""
     return sum(1 for key in params if key[:1] == "c" and key[1:].isdigit())
 
 
@@ -67,8 +68,8 @@ class VQ:
         if b % self.dim:
             raise ValueError(f"vq: a block of {b} columns is not a multiple of dim {self.dim} (choose a --blocksize "
                              f"and a dim that divide every linear's in_features)")
-        rms = w.square().mean(1, keepdim=True).sqrt()
-        params = encode_param("alpha", torch.where(rms > 0, rms, 1.0), self.param_dtype, self.param_scope)
+        rms = w.square().mean(1, keepdim=True).sqrt()  # a zero row gets α = 0: decoded as zeros exactly
+        params = encode_param("alpha", rms, self.param_dtype, self.param_scope)
         params.update(to_planes(torch.zeros(n, b // self.dim, dtype=torch.long, device=w.device), self.bits, "c"))
         return VQFit(self, params, (n, b), w.dtype)
 
