@@ -108,9 +108,9 @@ LEAN2 = ["--method", "lean", "-m", "salient_frac=[0.05,0.15,0.4]", "-m", "salien
 BEYOND = [  # docs/budget.md: the first row also evaluates fp, then the recipes, then the ablation
     ("rotate-heads+budget2", [*ROT, "--bpw-budget", "2.0"]),  # lean2's first form: lean candidates, weight objective
     ("lean2", ["--recipe", "lean2"]),
-    ("lean2-s1", ["--recipe", "lean2", "--seed", "1"]),  # a second calibration seed
     ("lean15", ["--recipe", "lean15"]),
-    ("lean15-s1", ["--recipe", "lean15", "--seed", "1"]),  # a second calibration seed: the recipe's spread
+    ("lean2-s1", ["--recipe", "lean2", "--seed", "1"]),  # a second calibration seed each: the recipes' spread
+    ("lean15-s1", ["--recipe", "lean15", "--seed", "1"]),
     ("rotate-heads+vq10", ["--method", "vq", "-m", "bits=10", *ROT]),  # the recipes' vector codes alone (≈ 1.31)
     ("vq10", ["--method", "vq", "-m", "bits=10"]),  # … without rotation
     ("budget1.5-output-vq", ["--bpw-budget", "1.5", *OUT, "--budget-candidates", "vq"]),  # lean15 without rotation
