@@ -114,6 +114,7 @@ BEYOND = [  # docs/budget.md: the first row also evaluates fp, then the recipes,
     ("rotate-heads+vq10", ["--method", "vq", "-m", "bits=10", *ROT]),  # the recipes' vector codes alone (≈ 1.31)
     ("vq10", ["--method", "vq", "-m", "bits=10"]),  # … without rotation
     ("budget1.5-output-vq", ["--bpw-budget", "1.5", *OUT, "--budget-candidates", "vq"]),  # lean15 without rotation
+    ("rotate-heads+budget1.5-vq", [*ROT, "--bpw-budget", "1.5", "--budget-candidates", "vq"]),  # … with the weight objective
     ("rotate-heads-down+budget1.5-output-vq",  # lean15 with an online Hadamard on down_proj's input
      [*ROT, "--rotate-down", "--bpw-budget", "1.5", *OUT, "--budget-candidates", "vq"]),
     ("rotate-heads+budget2-output-wide", [*ROT, "--bpw-budget", "2.0", *OUT, "--budget-candidates", "wide"]),
