@@ -111,6 +111,7 @@ BEYOND = [  # docs/budget.md: the first row also evaluates fp, then the recipes,
     ("lean15", ["--recipe", "lean15"]),
     ("lean2-s1", ["--recipe", "lean2", "--seed", "1"]),  # a second calibration seed each: the recipes' spread
     ("lean15-s1", ["--recipe", "lean15", "--seed", "1"]),
+    ("lean15-s2", ["--recipe", "lean15", "--seed", "2"]),  # and a third for the harder bound
     ("rotate-heads+vq10", ["--method", "vq", "-m", "bits=10", *ROT]),  # the recipes' vector codes alone (≈ 1.31)
     ("vq10", ["--method", "vq", "-m", "bits=10"]),  # … without rotation
     ("budget1.5-output-vq", ["--bpw-budget", "1.5", *OUT, "--budget-candidates", "vq"]),  # lean15 without rotation

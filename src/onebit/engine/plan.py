@@ -93,8 +93,8 @@ class Plan:
             for lp in self.candidates(layer, name, shape):
                 group = getattr(lp.build(), "column_group", 1)
                 if shape[1] % group or lp.block_size % group:
-                    raise InputError(f"layer {layer} {name}: {lp.method} {lp.options} codes {group} columns together, "
-                                     f"which do not divide in_features {shape[1]} and block size {lp.block_size}",
+                    raise InputError(f"layer {layer} {name}: {lp.method} {lp.options} codes {group} columns together: in_features "
+                                     f"{shape[1]} and the block size {lp.block_size} must both be multiples of {group}",
                                      hint=f"Use a --blocksize that is a multiple of {group}, or another method")
 
     def candidates(self, layer: int, name: str, shape: tuple[int, int]) -> list[LinearPlan]:
