@@ -120,7 +120,10 @@ class Binarizer(Protocol):
 class ColumnFit(Protocol):
     """A block whose parameters (masks, scales, means, grids) are fixed, whose columns are assigned one at a
     time: ``assign(j, x)`` picks column j's codes for the current values ``x`` (n,) and returns the dequantized
-    column; ``result()`` is the block's ``BlockResult`` from the codes assigned so far (every column once)."""
+    column; ``result()`` is the block's ``BlockResult`` from the codes assigned so far (every column once).
+    A vector code sets ``group`` = g > 1 and provides ``assign_group(j, x, u)`` instead: columns j … j+g−1 at once
+    (x: their current values, n × g; u: their g × g block of the Cholesky factor; vq.py), the engine then pushing
+    their error on as block LDL."""
 
     def assign(self, j: int, x: Tensor) -> Tensor: ...
 
