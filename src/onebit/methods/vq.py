@@ -85,6 +85,11 @@ class VQ:
         return alpha * book[from_planes(params, bits, "c")].reshape(n, b)
 
 
+def with_norms(book: Tensor) -> Tensor:
+    """The book with each code's squared norm as one more column (K × (dim + 1))."""
+    return torch.cat([book, book.square().sum(1, keepdim=True)], 1)
+
+
 class VQFit:
     """``ColumnFit`` of ``group`` = dim columns at a time with the row scales fixed; the codes chosen are
     decoded with the decoder's own formula, so ``result().q`` is what the engine fed back."""
@@ -96,18 +101,18 @@ class VQFit:
         self.book = codebook(method.dim, method.bits).to(device=self.alpha.device, dtype=dtype)
         self.codes = torch.zeros(shape[0], shape[1] // method.dim, dtype=torch.long, device=self.alpha.device)
 
-    def _nearest(self, x: Tensor, book: Tensor) -> Tensor:
-        """Per row, the code c minimizing ‖x − α·book_c‖² (x and book in the same coordinates): for α ≥ 0 the
-        largest x·c − (α/2)‖c‖², one product of x and the book each with one extra column."""
-        xa = torch.cat([x, -self.alpha / 2], 1)
-        ba = torch.cat([book, book.square().sum(1, keepdim=True)], 1)
-        return (xa @ ba.T).argmax(1)
+    def _nearest(self, x: Tensor, book_sq: Tensor) -> Tensor:
+        """Per row, the code c minimizing ‖x − α·book_c‖² (x and the book in the same coordinates; ``book_sq``:
+        ``with_norms(book)``): for α ≥ 0 the largest x·c − (α/2)‖c‖², one product of x with one extra column."""
+        return (torch.cat([x, -self.alpha / 2], 1) @ book_sq.T).argmax(1)
 
     def assign_group(self, j: int, x: Tensor, u: Tensor) -> Tensor:
         """Codes for columns j … j+dim−1 (x: n × dim, their current values), minimizing ‖(x − α·c) u⁻¹‖²
         (u: the group's upper Cholesky block of H⁻¹); returns the dequantized columns."""
-        solve = torch.linalg.solve_triangular
-        idx = self._nearest(solve(u, x, upper=True, left=False), solve(u, self.book, upper=True, left=False))
+        def times_u_inv(a: Tensor) -> Tensor:
+            return torch.linalg.solve_triangular(u, a, upper=True, left=False)
+
+        idx = self._nearest(times_u_inv(x), with_norms(times_u_inv(self.book)))
         self.codes[:, j // self.group] = idx
         return self.alpha * self.book[idx]
 
@@ -115,8 +120,9 @@ class VQFit:
         """Every group by plain Euclidean distance (no feedback)."""
         n, b = self.shape
         x = w.reshape(n, b // self.group, self.group)
+        book_sq = with_norms(self.book)  # the same book for every group
         for v in range(b // self.group):
-            self.codes[:, v] = self._nearest(x[:, v], self.book)
+            self.codes[:, v] = self._nearest(x[:, v], book_sq)
         return self.result()
 
     def result(self) -> BlockResult:
