@@ -102,7 +102,8 @@ def one_thread_each(
     """``fn`` over ``items`` (results in order): T at a time in worker threads of one torch thread each when
     torch has T > 1 threads, else in the calling thread. Each job then computes exactly what it computes on one
     thread (a result that does not depend on T), and jobs that ran on one thread anyway (LTDB) gain T×.
-    ``cost`` (relative work of an item): the costliest start first, so that no large job runs alone at the end. Worker threads are not timed (their wall time counts in the caller's stage)."""
+    ``cost`` (relative work of an item): the costliest start first, so that no large job runs alone at the end.
+    Worker threads are not timed (their wall time counts in the caller's stage)."""
     threads = torch.get_num_threads()
     if threads == 1 or len(items) < 2 or _baseline:
         yield from map(fn, items)
